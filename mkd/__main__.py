@@ -1,0 +1,3 @@
+from mkd.cli import main
+
+main()

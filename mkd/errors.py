@@ -1,0 +1,33 @@
+"""Exceptions that the CLI turns into one-line messages and a non-zero exit."""
+
+from __future__ import annotations
+
+from os import PathLike
+
+__all__ = ["MkdError", "InputError"]
+
+
+class MkdError(Exception):
+    """Base class for errors that are the user's to fix (bad input, bad option).
+
+    The CLI prints ``Error: <message>`` on one line and exits with status 1; it
+    never prints a traceback for these.
+    """
+
+
+class InputError(MkdError, ValueError):
+    """A file or folder given to mkd is missing, unreadable or inconsistent.
+
+    Args:
+        path: the offending file or folder; it starts the message.
+        problem: what is wrong with it, in a few words.
+
+    Example:
+        >>> str(InputError("data/labelsTr/spleen_3.nii.gz", "label values {0, 1, 2}; expected {0, 1}"))
+        'data/labelsTr/spleen_3.nii.gz: label values {0, 1, 2}; expected {0, 1}'
+    """
+
+    def __init__(self, path: str | PathLike | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{path}: {problem}")
