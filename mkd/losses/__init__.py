@@ -1,0 +1,9 @@
+"""mkd.losses: the distillation losses (InfoNCE, prediction-map KD, feature MSE)."""
+
+from __future__ import annotations
+
+from mkd.losses.feature_mse import FeatureMSELoss
+from mkd.losses.infonce import InfoNCELoss, sample_locations
+from mkd.losses.pmd import PMDLoss
+
+__all__ = ["InfoNCELoss", "PMDLoss", "FeatureMSELoss", "sample_locations"]

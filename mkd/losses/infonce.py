@@ -1,0 +1,277 @@
+"""InfoNCE between student and teacher embeddings: image-, pixel- and class-level (supervised) variants."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.loss import _Loss
+
+from mkd.losses._utils import check_reduction, float32_compute, reduce
+
+__all__ = ["InfoNCELoss", "sample_locations"]
+
+_MODES = ("image", "pixel", "supervised")
+
+
+def sample_locations(
+    num_locations: int,
+    max_samples: int,
+    classes: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw at most ``max_samples`` distinct location indices out of ``num_locations``.
+
+    When ``num_locations <= max_samples`` every location is kept, in order. Otherwise
+    the draw is without replacement and uses torch's global random generator of
+    ``device`` (so it is reproducible after ``torch.manual_seed``): uniform when
+    ``classes`` is ``None``, and class-balanced otherwise, i.e. each location is
+    weighted by ``1 / (number of locations of its class)`` so that every class
+    present gets about the same share of the budget and a small structure (a spleen
+    covers ~1% of a slice) is not drowned by background. The weighted draw is the
+    Efraimidis-Spirakis one (keep the ``max_samples`` largest ``u ** (1 / w)``,
+    ``u ~ U(0, 1)``), which is a single ``topk``: no Python loop.
+
+    Args:
+        num_locations: how many locations there are to choose from.
+        max_samples: the budget, at least 1.
+        classes: optional ``(num_locations,)`` tensor of non-negative integer class
+            indices, one per location, for class-balanced sampling.
+        device: where the indices live (default: ``classes``'s device, else CPU).
+
+    Returns:
+        a ``(min(num_locations, max_samples),)`` int64 tensor of indices.
+
+    Raises:
+        ValueError: when ``max_samples < 1`` or ``classes`` has the wrong size or
+            negative values.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> sample_locations(10, 4).shape
+        torch.Size([4])
+    """
+    if max_samples < 1:
+        raise ValueError(f"max_samples={max_samples} must be at least 1.")
+    if device is None:
+        device = classes.device if classes is not None else torch.device("cpu")
+    if classes is not None:
+        if classes.numel() != num_locations:
+            raise ValueError(f"classes has {classes.numel()} entries; expected one per location ({num_locations}).")
+        if classes.numel() and int(classes.min()) < 0:
+            raise ValueError(f"class indices must be non-negative; got minimum {int(classes.min())}.")
+    if num_locations <= max_samples:
+        return torch.arange(num_locations, device=device)
+    keys = torch.rand(num_locations, device=device)
+    if classes is not None:
+        classes = classes.reshape(-1).long().to(device)
+        counts = torch.bincount(classes)
+        # log(u ** (1 / w)) with w = 1 / count: the largest keys are the sample
+        keys = keys.log() * counts[classes].to(keys.dtype)
+    return keys.topk(max_samples).indices
+
+
+class InfoNCELoss(_Loss):
+    """InfoNCE (contrastive) distillation loss between projected student and teacher features.
+
+    Both inputs are embeddings of the same shape, ``(B, D, *spatial)`` (2D or 3D) or
+    ``(B, D)``, already brought to a common shape by projector heads (see
+    :class:`mkd.networks.projector.ProjectorHeads`). Embeddings are L2-normalised
+    along ``D`` and compared by cosine similarity divided by ``temperature``; each
+    student anchor must pick its positive(s) among the teacher embeddings:
+
+    - ``"image"`` (the thesis's variant): spatial dims are average-pooled to one
+      embedding per slice; logits = ``s @ t.T / temperature`` (``B x B``);
+      cross-entropy with target = the anchor's own index, so the positive is the
+      same slice and the negatives are the other slices of the batch.
+    - ``"pixel"``: every location is an embedding; up to ``max_samples`` locations
+      (over the whole batch) are drawn per call (:func:`sample_locations`, uniform,
+      reproducible given torch's RNG); positive = the same location of the same
+      slice in the teacher map, negatives = the other sampled locations of this and
+      the other slices. Memory is ``O(max_samples**2)`` whatever the feature size.
+    - ``"supervised"``: like ``"pixel"``, but ``labels`` (resized to the feature grid
+      by nearest neighbour) define the positives: every sampled teacher embedding of
+      the anchor's class (SupCon, Khosla et al. 2020, with the student as anchor and
+      the teacher as the contrast set; the anchor's own location is one of its
+      positives, so the set is never empty). With ``balance_classes`` the sample is
+      class-balanced so that the foreground is represented.
+
+    ``symmetric`` averages the student→teacher direction with teacher→student (the
+    teacher embeddings as anchors, the student ones as candidates).
+
+    Computation is done in float32 with autocast switched off, whatever the input
+    dtype. Nothing is detached: gradients reach whatever requires them on either
+    side (pass a frozen teacher's features; a teacher-side projector still trains).
+
+    A batch of one slice in ``"image"`` mode has no negatives: the loss is then
+    exactly 0 (``log`` of a one-way softmax; it stays connected to the graph, with
+    zero gradient) and a ``UserWarning`` is issued, so that a last incomplete batch
+    of 1 does not stop training. Use ``drop_last=True`` in the loader to avoid it.
+
+    Args:
+        temperature: the softmax temperature ``tau`` (> 0); the thesis uses 0.4
+            (0.1 for T1->S2).
+        mode: ``"image"``, ``"pixel"`` or ``"supervised"``.
+        symmetric: also contrast in the teacher→student direction and average.
+        max_samples: budget of locations per call in the pixel and supervised modes (>= 1).
+        balance_classes: supervised mode only: draw the sample class-balanced
+            (default) rather than uniformly.
+        reduction: ``"mean"`` (default) or ``"sum"`` over anchors, or ``"none"``
+            for the per-anchor losses, shape ``(B,)`` (image) or ``(K,)`` with ``K``
+            the number of sampled locations (pixel, supervised).
+
+    Raises:
+        ValueError: for an unknown ``mode`` or ``reduction``, a non-positive
+            ``temperature`` or a ``max_samples`` below 1.
+
+    Example:
+        >>> loss = InfoNCELoss(temperature=0.4)
+        >>> s, t = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
+        >>> loss(s, t).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.4,
+        mode: str = "image",
+        symmetric: bool = False,
+        max_samples: int = 1024,
+        balance_classes: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction=check_reduction(reduction))
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0.")
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r} is not supported; expected one of {_MODES}.")
+        if int(max_samples) < 1:
+            raise ValueError(f"max_samples={max_samples} must be at least 1.")
+        self.temperature = float(temperature)
+        self.mode = mode
+        self.symmetric = bool(symmetric)
+        self.max_samples = int(max_samples)
+        self.balance_classes = bool(balance_classes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, mode={self.mode!r}, symmetric={self.symmetric}, "
+            f"max_samples={self.max_samples}, reduction={self.reduction!r}"
+        )
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            student: student embeddings, ``(B, D, *spatial)`` or ``(B, D)``.
+            teacher: teacher embeddings of the same shape.
+            labels: supervised mode only (ignored otherwise): class indices
+                ``(B, 1, *spatial_l)`` or ``(B, *spatial_l)``, or one-hot
+                ``(B, C, *spatial_l)`` (argmax over ``C``), with as many spatial dims
+                as the features but any size (resized by nearest neighbour).
+
+        Returns:
+            a float32 scalar, or the per-anchor losses for ``reduction="none"``.
+
+        Raises:
+            ValueError: when the shapes differ or have fewer than 2 dims, or when
+                ``labels`` are missing or inconsistent in supervised mode.
+        """
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student and teacher embeddings must have the same shape; got {tuple(student.shape)} "
+                f"and {tuple(teacher.shape)} (project them with ProjectorHeads first)."
+            )
+        if student.ndim < 2:
+            raise ValueError(f"embeddings must be (B, D, *spatial) or (B, D); got shape {tuple(student.shape)}.")
+        with float32_compute(student.device):
+            if self.mode == "image":
+                loss = self._image(student, teacher)
+            else:
+                loss = self._locations(student, teacher, labels)
+        return reduce(loss, self.reduction)
+
+    def _image(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape[0] == 1:
+            warnings.warn(
+                "InfoNCELoss(mode='image') got a batch of 1: there are no negatives and the loss is 0; "
+                "use batches of at least 2 (drop_last=True) for the image-level contrast.",
+                stacklevel=3,
+            )
+        s = student.float().flatten(2).mean(2) if student.ndim > 2 else student.float()
+        t = teacher.float().flatten(2).mean(2) if teacher.ndim > 2 else teacher.float()
+        return self._contrast(s, t, positives=None)
+
+    def _locations(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        b, d = student.shape[:2]
+        s = student.reshape(b, d, -1)  # (B, D, N)
+        t = teacher.reshape(b, d, -1)
+        n = s.shape[2]
+        classes = None
+        if self.mode == "supervised":
+            classes = self._classes(labels, student).reshape(-1)  # (B * N,)
+        idx = sample_locations(
+            b * n,
+            self.max_samples,
+            classes=classes if (classes is not None and self.balance_classes) else None,
+            device=student.device,
+        )
+        bi, ni = idx // n, idx % n
+        # gather before casting so that only the sampled (K, D) rows are copied
+        s_emb = s[bi, :, ni].float()
+        t_emb = t[bi, :, ni].float()
+        positives = None
+        if classes is not None:
+            c = classes[idx]
+            positives = c[:, None] == c[None, :]
+        return self._contrast(s_emb, t_emb, positives)
+
+    def _classes(self, labels: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
+        """Class index per feature location, ``(B, *spatial)`` int64."""
+        if labels is None:
+            raise ValueError("InfoNCELoss(mode='supervised') needs labels; got labels=None.")
+        spatial = tuple(features.shape[2:])
+        if not spatial:
+            raise ValueError(
+                f"mode='supervised' needs features with spatial dims (B, D, *spatial); got {tuple(features.shape)}."
+            )
+        lab = labels.detach()
+        if lab.ndim == features.ndim - 1:
+            lab = lab.unsqueeze(1)
+        if lab.ndim != features.ndim or lab.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} do not match features of shape {tuple(features.shape)}; "
+                f"expected (B, 1, *spatial) or (B, *spatial) with B={features.shape[0]} "
+                f"and {len(spatial)} spatial dims."
+            )
+        if lab.shape[1] > 1:  # one-hot
+            lab = lab.argmax(1, keepdim=True)
+        if tuple(lab.shape[2:]) != spatial:
+            lab = F.interpolate(lab.float(), size=spatial, mode="nearest-exact")
+        lab = lab.round().long()[:, 0]
+        if lab.numel() and int(lab.min()) < 0:
+            raise ValueError(f"labels must be non-negative class indices; got minimum {int(lab.min())}.")
+        return lab.to(features.device)
+
+    def _contrast(self, s: torch.Tensor, t: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+        """Per-anchor InfoNCE between rows of ``s`` and ``t`` (both ``(K, D)``)."""
+        s = F.normalize(s, dim=1)
+        t = F.normalize(t, dim=1)
+        logits = s @ t.t() / self.temperature  # (K, K): anchor s_i against candidate t_j
+        if positives is None:
+            target = torch.arange(logits.shape[0], device=logits.device)
+            loss = F.cross_entropy(logits, target, reduction="none")
+            if self.symmetric:
+                loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
+            return loss
+        pos = positives.to(logits.dtype)
+        loss = self._supcon(logits, pos)
+        if self.symmetric:
+            loss = 0.5 * (loss + self._supcon(logits.t(), pos.t()))
+        return loss
+
+    @staticmethod
+    def _supcon(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return -(log_prob * pos).sum(1) / pos.sum(1)
