@@ -1,0 +1,31 @@
+"""mkd.reports: thesis-style tables, paired statistics and figures."""
+
+from __future__ import annotations
+
+from mkd.reports.figures import plot_ablation, plot_qualitative, plot_reconstructions, plot_training_curves
+from mkd.reports.stats import WILCOXON_MIN_PAIRS, bootstrap_ci, holm, paired_test
+from mkd.reports.tables import (
+    DEFAULT_METRICS,
+    format_table,
+    significance_table,
+    summary_table,
+    to_markdown,
+    write_table,
+)
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "WILCOXON_MIN_PAIRS",
+    "bootstrap_ci",
+    "format_table",
+    "holm",
+    "paired_test",
+    "plot_ablation",
+    "plot_qualitative",
+    "plot_reconstructions",
+    "plot_training_curves",
+    "significance_table",
+    "summary_table",
+    "to_markdown",
+    "write_table",
+]

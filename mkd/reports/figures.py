@@ -1,0 +1,267 @@
+"""Report figures (PNG, matplotlib without pyplot: no display, no global state).
+
+- :func:`plot_training_curves`: losses and validation metrics per epoch from a CSV log.
+- :func:`plot_qualitative`: the same test slices under CT / ground truth / students / teacher.
+- :func:`plot_reconstructions`: a teacher's reconstructions next to its inputs, with PSNR.
+- :func:`plot_ablation`: bar chart of a metric per method, mean ± std over seeds.
+
+Each function writes its PNG atomically and returns the path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["plot_training_curves", "plot_qualitative", "plot_reconstructions", "plot_ablation"]
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig: Any, path: str | PathLike) -> Path:
+    from mkd.utils import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    return path
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if hasattr(x, "as_tensor"):
+            x = x.as_tensor()
+        return x.float().numpy()
+    return np.asarray(x)
+
+
+def _gray(images: Any) -> np.ndarray:
+    """``(N, H, W)`` from ``(N, C, H, W)`` (middle channel) or ``(N, H, W)`` / ``(H, W)``."""
+    a = _numpy(images).astype(np.float32)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim == 4:
+        a = a[:, a.shape[1] // 2]
+    if a.ndim != 3:
+        raise ValueError(f"images must be (N, C, H, W), (N, H, W) or (H, W), got shape {a.shape}")
+    return a
+
+
+def plot_training_curves(
+    history: pd.DataFrame | str | PathLike,
+    path: str | PathLike,
+    *,
+    x: str = "epoch",
+    title: str | None = None,
+) -> Path:
+    """Training curves: loss columns (names containing ``loss``) left, other numeric columns right.
+
+    Args:
+        history: per-epoch log (DataFrame or CSV path) with an ``x`` column, e.g.
+            ``epoch, train_loss, val_loss, val_dice``. Empty cells (metrics logged only
+            every few epochs) are skipped, not drawn as zero.
+        path: PNG to write.
+        x: the column for the horizontal axis.
+        title: figure title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``x`` is missing or there is nothing to plot.
+    """
+    df = pd.read_csv(history) if not isinstance(history, pd.DataFrame) else history
+    if x not in df.columns:
+        raise ValueError(f"training log lacks the {x!r} column; it has {list(df.columns)}")
+    cols = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+    losses = [c for c in cols if "loss" in c.lower()]
+    others = [c for c in cols if c not in losses]
+    groups = [(g, label) for g, label in ((losses, "loss"), (others, "metric")) if g]
+    if not groups:
+        raise ValueError(f"training log has no numeric columns besides {x!r}")
+    fig = _figure(5.0 * len(groups), 3.6)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (group, label) in zip(axes, groups):
+        for c in group:
+            sel = df[[x, c]].dropna()
+            ax.plot(sel[x], sel[c], marker="o" if len(sel) < 30 else None, markersize=3, label=c)
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_qualitative(
+    images: Any,
+    masks: Mapping[str, Any],
+    path: str | PathLike,
+    *,
+    reference: str | None = None,
+    row_labels: Sequence[str] | None = None,
+    threshold: float = 0.5,
+) -> Path:
+    """Grid of slices (rows) × CT and each mask overlaid on it (columns).
+
+    Args:
+        images: CT slices ``(N, C, H, W)`` (the middle channel is shown) or ``(N, H, W)``.
+        masks: column title → masks ``(N, 1, H, W)`` or ``(N, H, W)`` for the same slices, in
+            display order, e.g. ``{"ground truth": y, "student": s, "distilled": d, "teacher": t}``.
+        path: PNG to write.
+        reference: a key of ``masks`` (usually the ground truth) whose outline is drawn in
+            green over the other columns' red masks.
+        row_labels: one label per slice (e.g. ``"spleen_3 z=41"``).
+        threshold: masks are shown where ``>= threshold``.
+
+    Returns:
+        ``path``.
+    """
+    ct = _gray(images)
+    n = ct.shape[0]
+    cols = {k: _gray(v) >= threshold for k, v in masks.items()}
+    for k, v in cols.items():
+        if v.shape != ct.shape:
+            raise ValueError(f"masks[{k!r}] has shape {v.shape}; the images are {ct.shape}")
+    if reference is not None and reference not in cols:
+        raise ValueError(f"reference {reference!r} is not one of the masks {list(cols)}")
+    if row_labels is not None and len(row_labels) != n:
+        raise ValueError(f"got {len(row_labels)} row labels for {n} slices")
+    titles = ["CT", *cols]
+    fig = _figure(2.2 * len(titles), 2.2 * n + 0.3)
+    axes = fig.subplots(n, len(titles), squeeze=False)
+    red = np.zeros((*ct.shape[1:], 4), dtype=np.float32)
+    for i in range(n):
+        for j, name in enumerate(titles):
+            ax = axes[i, j]
+            ax.imshow(ct[i], cmap="gray", interpolation="nearest")
+            if j > 0:
+                overlay = red.copy()
+                overlay[cols[name][i]] = (1.0, 0.1, 0.1, 0.45)
+                ax.imshow(overlay, interpolation="nearest")
+                if reference is not None and name != reference and cols[reference][i].any():
+                    ax.contour(cols[reference][i].astype(np.float32), levels=[0.5], colors="lime", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reconstructions(
+    images: Any,
+    recons: Any,
+    path: str | PathLike,
+    *,
+    data_range: float = 1.0,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Teacher reconstructions: rows = slices, columns = input, reconstruction, |difference|.
+
+    Each row is titled with its PSNR (dB, over all channels, :func:`mkd.metrics.psnr`).
+
+    Args:
+        images: inputs ``(N, C, H, W)`` or ``(N, H, W)`` in ``[0, data_range]``.
+        recons: reconstructions, same shape.
+        path: PNG to write.
+        data_range: intensity range, for the PSNR and the grey scale.
+        row_labels: one label per slice.
+
+    Returns:
+        ``path``.
+    """
+    from mkd.metrics.reconstruction import psnr
+
+    x, r = _numpy(images).astype(np.float32), _numpy(recons).astype(np.float32)
+    if x.shape != r.shape:
+        raise ValueError(f"images and recons must have the same shape, got {x.shape} and {r.shape}")
+    if x.ndim == 2:
+        x, r = x[None], r[None]
+    values = psnr(r, x, data_range=data_range, reduction="none")
+    gx, gr = _gray(x), _gray(r)
+    n = gx.shape[0]
+    fig = _figure(6.6, 2.2 * n + 0.3)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        panels = (("input", gx[i], "gray", 0.0, data_range), ("reconstruction", gr[i], "gray", 0.0, data_range))
+        panels += (("|difference|", np.abs(gx[i] - gr[i]), "magma", 0.0, None),)
+        for j, (name, img, cmap, lo, hi) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+        label = f"PSNR {values[i]:.1f} dB"
+        if row_labels is not None:
+            label = f"{row_labels[i]}\n{label}"
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ablation(
+    table: pd.DataFrame,
+    path: str | PathLike,
+    *,
+    metric: str = "dice",
+    method: str = "method",
+    baseline: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Bar chart of ``metric`` per method, mean ± std over seeds as error bars.
+
+    Args:
+        table: either a tidy runs table (``method`` and ``metric`` columns, one row per run)
+            or a :func:`mkd.reports.tables.summary_table` (``<metric>_mean`` / ``_std``).
+        path: PNG to write.
+        metric: the metric to plot.
+        method: the method column.
+        baseline: a method name drawn as a dashed horizontal reference line.
+        title: axes title (default: the metric).
+
+    Returns:
+        ``path``.
+    """
+    if f"{metric}_mean" in table.columns:
+        names = table[method].astype(str).tolist()
+        means = table[f"{metric}_mean"].to_numpy(dtype=float)
+        stds = table[f"{metric}_std"].to_numpy(dtype=float) if f"{metric}_std" in table else np.full(len(names), np.nan)
+    elif metric in table.columns:
+        g = table.groupby(method, sort=False)[metric]
+        names = [str(m) for m in g.mean().index]
+        means = g.mean().to_numpy(dtype=float)
+        stds = g.std(ddof=1).to_numpy(dtype=float)
+    else:
+        raise ValueError(f"table has neither {metric!r} nor {metric + '_mean'!r}; columns: {list(table.columns)}")
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not one of the methods {names}")
+    fig = _figure(max(4.0, 0.7 * len(names) + 1.5), 3.8)
+    ax = fig.subplots()
+    pos = np.arange(len(names))
+    colors = ["#888888" if m == baseline else "#3b75af" for m in names]
+    ax.bar(pos, means, yerr=np.nan_to_num(stds), capsize=4, color=colors)
+    for p, m in zip(pos, means):
+        if np.isfinite(m):
+            ax.annotate(f"{m:.3f}", (p, m), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    if baseline is not None:
+        ax.axhline(means[names.index(baseline)], color="#555555", linestyle="--", linewidth=1, label=baseline)
+        ax.legend(fontsize=8)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
