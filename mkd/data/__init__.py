@@ -1,0 +1,50 @@
+"""mkd.data: Decathlon reader, phantom generator, patient split, slicing transforms and ``prepare``.
+
+Importing this package imports MONAI (the transforms are MONAI ``MapTransform``s).
+"""
+
+from __future__ import annotations
+
+from mkd.data.decathlon import Case, Task, download_task, extract_task, locate_task, read_task, verify_md5
+from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, PHANTOM_TASK, phantom_case, write_phantom
+from mkd.data.prepare import PrepareSummary, load_manifest, load_prepare_info, load_split, prepare_dataset
+from mkd.data.split import read_split_file, split_patients, student_subset
+from mkd.data.transforms import (
+    DEFAULT_WINDOW,
+    LoadSliced,
+    ScaleByMaxd,
+    SelectLabeld,
+    parse_window,
+    volume_to_slices,
+    volume_transforms,
+)
+
+__all__ = [
+    "Case",
+    "DEFAULT_WINDOW",
+    "LoadSliced",
+    "PHANTOM_CASES",
+    "PHANTOM_SHAPE",
+    "PHANTOM_TASK",
+    "PrepareSummary",
+    "ScaleByMaxd",
+    "SelectLabeld",
+    "Task",
+    "download_task",
+    "extract_task",
+    "load_manifest",
+    "load_prepare_info",
+    "load_split",
+    "locate_task",
+    "parse_window",
+    "phantom_case",
+    "prepare_dataset",
+    "read_split_file",
+    "read_task",
+    "split_patients",
+    "student_subset",
+    "verify_md5",
+    "volume_to_slices",
+    "volume_transforms",
+    "write_phantom",
+]

@@ -1,0 +1,221 @@
+"""MONAI transforms that turn a CT volume into 2D slices, and that load prepared slices back.
+
+:func:`volume_transforms` is the one volume pipeline, used by ``mkd prepare`` and
+reusable at inference (with ``keys=("image",)``, then MONAI's ``Invertd`` to map a
+restacked prediction back to the original grid). Stored slices are axial planes
+of the RAS-oriented volume: the array's first axis (rows) runs from the patient's
+left to right, the second (columns) from posterior to anterior.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "LoadSliced",
+    "ScaleByMaxd",
+    "SelectLabeld",
+    "parse_window",
+    "volume_to_slices",
+    "volume_transforms",
+]
+
+#: Default HU window: [-57, 164] -> [0, 1] (the abdominal soft-tissue window of MONAI's spleen tutorial).
+DEFAULT_WINDOW = (-57.0, 164.0)
+
+
+def parse_window(text: str | Sequence[float]) -> tuple[float, float] | str:
+    """``"-57,164"`` -> ``(-57.0, 164.0)``; ``"max"`` -> ``"max"``.
+
+    Raises:
+        ValueError: not two increasing numbers and not ``"max"``.
+    """
+    if isinstance(text, str):
+        if text.strip().lower() == "max":
+            return "max"
+        try:
+            parts = [float(p) for p in text.split(",")]
+        except ValueError:
+            parts = []
+    else:
+        parts = [float(p) for p in text]
+    if len(parts) != 2 or not parts[0] < parts[1]:
+        raise ValueError(f"window must be 'LOW,HIGH' with LOW < HIGH (HU) or 'max', got {text!r}")
+    return parts[0], parts[1]
+
+
+class ScaleByMaxd(MapTransform):
+    """The thesis's per-volume scaling: ``clip(x / max(x), 0, 1)`` (negative HU become 0)."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            peak = float(x.max()) if x.numel() else 0.0
+            d[key] = (x / peak).clamp(0, 1) if peak > 0 else x.clamp(0, 0)
+        return d
+
+
+class SelectLabeld(MapTransform):
+    """Binary mask of one label value: ``label == value`` as float (MSD masks keep several organs in one file)."""
+
+    def __init__(self, keys: KeysCollection, value: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.value = int(value)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] == self.value).to(torch.float32) if isinstance(d[key], torch.Tensor) else (
+                np.asarray(d[key]) == self.value).astype(np.float32)  # fmt: skip
+        return d
+
+
+def volume_transforms(
+    keys: Sequence[str] = ("image", "label"),
+    window: tuple[float, float] | str = DEFAULT_WINDOW,
+    spacing: Sequence[float] | None = None,
+    size: int | None = 256,
+    label_value: int | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> Compose:
+    """The volume pipeline: load, channel-first, RAS, optional spacing, windowing, in-plane resize.
+
+    Output: ``image`` (1, size, size, Z) in [0, 1] and ``label`` (1, size, size, Z) with values {0, 1},
+    as MetaTensors whose ``applied_operations`` let ``Invertd`` undo the geometry.
+
+    Args:
+        keys: the keys to load; pass ``("image",)`` at inference.
+        window: ``(low, high)`` HU mapped linearly to [0, 1] with clipping, or ``"max"`` for
+            per-volume ``x / max(x)`` (the thesis).
+        spacing: target voxel size in mm (x, y, z) for ``Spacingd``; a non-positive entry keeps
+            that axis's spacing; ``None`` keeps the native grid.
+        size: in-plane size of the resized slices (``Resized`` to (size, size) with the slice count kept;
+            ``area`` interpolation for the image, i.e. averaging when shrinking, ``nearest-exact`` for
+            the label); ``None`` keeps the in-plane grid.
+        label_value: make the label binary as ``label == label_value`` (multi-label masks).
+        image_key: the image key.
+        label_key: the label key.
+
+    Example:
+        >>> t = volume_transforms(keys=("image",), size=96)  # doctest: +SKIP
+        >>> t({"image": "ct.nii.gz"})["image"].shape  # doctest: +SKIP
+        torch.Size([1, 96, 96, 40])
+    """
+    keys = tuple(keys)
+    has_label = label_key in keys
+    interp = tuple("bilinear" if k == image_key else "nearest" for k in keys)
+    xforms: list = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True, dtype=np.float32),
+        EnsureChannelFirstd(keys=keys),
+    ]
+    if has_label and label_value is not None:
+        xforms.append(SelectLabeld(keys=label_key, value=label_value))
+    xforms.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if spacing is not None:
+        xforms.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=interp))
+    if window == "max":
+        xforms.append(ScaleByMaxd(keys=image_key))
+    else:
+        low, high = parse_window(window)  # type: ignore[arg-type]
+        xforms.append(ScaleIntensityRanged(keys=image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    if size is not None:
+        modes = tuple("area" if k == image_key else "nearest-exact" for k in keys)
+        xforms.append(Resized(keys=keys, spatial_size=(int(size), int(size), -1), mode=modes))
+    return Compose(xforms)
+
+
+def volume_to_slices(
+    volume: np.ndarray | torch.Tensor, channels: str = "replicate", rows: Sequence[int] | None = None
+) -> np.ndarray:
+    """Cut a (1, H, W, Z) volume into (S, 3, H, W) slices.
+
+    Args:
+        volume: one-channel volume, axial axis last.
+        channels: ``"replicate"`` copies the slice into 3 channels (the thesis); ``"2.5d"`` stacks the
+            slices z-1, z, z+1 (the edge slice is repeated at the ends of the volume).
+        rows: the axial indices to keep, in order; default all.
+
+    Returns:
+        float32 array of shape (len(rows), 3, H, W).
+
+    Raises:
+        ValueError: unknown ``channels`` or a volume that is not (1, H, W, Z).
+    """
+    v = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if v.ndim != 4 or v.shape[0] != 1:
+        raise ValueError(f"expected a (1, H, W, Z) volume, got shape {tuple(v.shape)}")
+    v = np.moveaxis(v[0], -1, 0)  # (Z, H, W)
+    z = np.arange(v.shape[0]) if rows is None else np.asarray(rows, dtype=int)
+    if channels == "replicate":
+        return np.repeat(v[z][:, None], 3, axis=1).astype(np.float32)
+    if channels == "2.5d":
+        last = v.shape[0] - 1
+        idx = np.stack([np.clip(z - 1, 0, last), z, np.clip(z + 1, 0, last)], axis=1)
+        return v[idx].astype(np.float32)
+    raise ValueError(f"channels must be 'replicate' or '2.5d', got {channels!r}")
+
+
+class LoadSliced(MapTransform):
+    """Load one prepared slice: ``d[key]`` is a ``.npy`` stack, ``d["slice"]`` the row to take.
+
+    The stacks are memory-mapped and kept open (one handle per file and process; the cache is
+    not pickled, so DataLoader workers open their own). Returns float32 tensors: image
+    (C, H, W), label (1, H, W).
+
+    Args:
+        keys: keys holding ``.npy`` paths, e.g. ``("image", "label")``.
+        slice_key: key of the row index.
+        allow_missing_keys: skip absent keys.
+
+    Example:
+        >>> items = load_split("mkd_data", "student")  # doctest: +SKIP
+        >>> LoadSliced(keys=("image", "label"))(items[0])["image"].shape  # doctest: +SKIP
+        torch.Size([3, 256, 256])
+    """
+
+    def __init__(
+        self, keys: KeysCollection = ("image", "label"), slice_key: str = "slice", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.slice_key = slice_key
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _open(self, path: str | os.PathLike) -> np.ndarray:
+        path = os.fspath(path)
+        arr = self._cache.get(path)
+        if arr is None:
+            arr = np.load(path, mmap_mode="r")
+            self._cache[path] = arr
+        return arr
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        row = int(d[self.slice_key])  # type: ignore[arg-type]
+        for key in self.key_iterator(d):
+            value = d[key]
+            if isinstance(value, (str, os.PathLike)):
+                d[key] = torch.from_numpy(np.array(self._open(value)[row], dtype=np.float32))
+        return d

@@ -1,0 +1,70 @@
+"""The volume pipeline's numbers, checked by hand: window, max scaling, 2.5D channels, label selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mkd.data.transforms import LoadSliced, parse_window, volume_to_slices, volume_transforms
+
+
+def test_window_maps_hu_linearly_and_clips(tmp_path):
+    from conftest import write_nifti
+
+    hu = np.array([-1000, -57, 53.5, 164, 1000], np.float32)
+    vol = np.broadcast_to(hu[:, None, None], (5, 2, 3)).copy()
+    write_nifti(tmp_path / "ct.nii.gz", vol)
+    out = volume_transforms(keys=("image",), size=None)({"image": str(tmp_path / "ct.nii.gz")})["image"]
+    assert out.shape == (1, 5, 2, 3)
+    np.testing.assert_allclose(out[0, :, 0, 0].numpy(), [0, 0, 0.5, 1, 1], atol=1e-6)
+    custom = volume_transforms(keys=("image",), size=None, window=(0, 100))({"image": str(tmp_path / "ct.nii.gz")})
+    np.testing.assert_allclose(custom["image"][0, :, 0, 0].numpy(), [0, 0, 0.535, 1, 1], atol=1e-6)
+    maxed = volume_transforms(keys=("image",), size=None, window="max")({"image": str(tmp_path / "ct.nii.gz")})
+    np.testing.assert_allclose(maxed["image"][0, :, 0, 0].numpy(), [0, 0, 0.0535, 0.164, 1], atol=1e-6)
+
+
+def test_parse_window():
+    assert parse_window("-57,164") == (-57.0, 164.0)
+    assert parse_window(" MAX ") == "max"
+    for bad in ("164,-57", "1", "a,b"):
+        with pytest.raises(ValueError, match="LOW < HIGH"):
+            parse_window(bad)
+
+
+def test_25d_channels_are_neighbouring_slices():
+    ramp = np.broadcast_to(np.arange(5, dtype=np.float32), (1, 2, 2, 5))  # slice z has value z
+    s = volume_to_slices(ramp, "2.5d")
+    assert s.shape == (5, 3, 2, 2)
+    assert s[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
+    r = volume_to_slices(ramp, "replicate", rows=[3, 1])
+    assert r[:, :, 0, 0].tolist() == [[3, 3, 3], [1, 1, 1]]
+    with pytest.raises(ValueError, match="channels must be"):
+        volume_to_slices(ramp, "rgb")
+
+
+def test_label_value_selects_one_organ_and_resize_keeps_labels_binary(tmp_path):
+    from conftest import write_nifti
+
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[:4, :4] = 1
+    mask[4:, 4:] = 2
+    mask[4:, :2] = 5
+    write_nifti(tmp_path / "ct.nii.gz", np.zeros((8, 8, 3), np.int16))
+    write_nifti(tmp_path / "lbl.nii.gz", mask)
+    d = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "lbl.nii.gz")}
+    out = volume_transforms(size=None, label_value=2)(dict(d))["label"][0].numpy()
+    assert out.sum() == 16 * 3 and out[4:, 4:].all()
+    big = volume_transforms(size=16, label_value=2)(dict(d))["label"]
+    assert big.shape == (1, 16, 16, 3) and set(np.unique(big.numpy())) == {0.0, 1.0}
+
+
+def test_loadsliced_caches_and_pickles(tmp_path):
+    import pickle
+
+    np.save(tmp_path / "a.npy", np.arange(2 * 3 * 2 * 2, dtype=np.float16).reshape(2, 3, 2, 2))
+    t = LoadSliced(keys="image")
+    out = t({"image": str(tmp_path / "a.npy"), "slice": 1})
+    assert out["image"].dtype == torch.float32 and out["image"][0, 0, 0] == 12
+    assert len(t._cache) == 1
+    assert pickle.loads(pickle.dumps(t))._cache == {}
