@@ -1,0 +1,64 @@
+"""The common base of mkd networks: named feature scales, a size divisor, rebuildable config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["MkdNetwork", "SCALES", "plain_config"]
+
+#: Scale names every network declares (multi-task teachers add ``"recon"``).
+SCALES: tuple[str, ...] = ("enc", "bn", "dec")
+
+
+def plain_config(value: Any) -> Any:
+    """Turn tuples into lists recursively so a config is plain JSON-like data (safe for ``weights_only``)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    return value
+
+
+class MkdNetwork(nn.Module):
+    """Base class: a plain logits-out network that also names its feature scales.
+
+    Subclasses set :attr:`default_name`, store their constructor arguments in
+    :attr:`config` (plain data, so a checkpoint can rebuild the network with
+    ``mkd.networks.build(name, **config)``), set :attr:`size_divisor` and implement
+    :attr:`feature_scales`.
+
+    Attributes:
+        network_name: registry name (``"unet"``, ``"t1"``, ...); set by ``build``.
+        config: constructor keyword arguments as plain data.
+        size_divisor: total downsampling factor; every input side must be at least this.
+    """
+
+    default_name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.network_name: str = self.default_name
+        self.config: dict[str, Any] = {}
+        self.size_divisor: int = 1
+
+    @property
+    def feature_scales(self) -> dict[str, str]:
+        """``{scale: module path}`` for ``enc``, ``bn``, ``dec`` (and ``recon`` for multi-task teachers)."""
+        raise NotImplementedError
+
+    def _set_config(self, **kwargs: Any) -> None:
+        self.config = plain_config(kwargs)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (all, or only those with ``requires_grad``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"name={self.network_name!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,181 @@
+"""Checkpoints that rebuild their own network: state dicts plus plain metadata, loaded with ``weights_only``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mkd.errors import InputError
+from mkd.networks.base import MkdNetwork, plain_config
+from mkd.networks.recorder import unwrap_model
+from mkd.networks.registry import NETWORKS, build
+from mkd.utils import atomic_file
+
+__all__ = ["NetworkInfo", "save_checkpoint", "load_checkpoint", "load_network"]
+
+
+class NetworkInfo:
+    """Name and constructor kwargs of a network, with ``state_dict`` / ``load_state_dict``.
+
+    Lets MONAI's ``CheckpointSaver`` / ``CheckpointLoader`` store the metadata next to the
+    weights: ``CheckpointSaver(save_dir, save_dict={"model": net, "network": NetworkInfo.of(net)})``
+    writes ``{"model": ..., "network": {"name": ..., "kwargs": {...}}}``, which
+    :func:`load_network` reads.
+
+    Args:
+        name: registry name (``"t1"``, ``"s1"``, ...).
+        kwargs: constructor arguments (plain data).
+    """
+
+    def __init__(self, name: str = "", kwargs: Mapping[str, Any] | None = None) -> None:
+        self.name = name
+        self.kwargs: dict[str, Any] = plain_config(dict(kwargs or {}))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> NetworkInfo:
+        """The info of an mkd network (unwrapping DDP / DataParallel)."""
+        net = unwrap_model(model)
+        if not isinstance(net, MkdNetwork):
+            raise TypeError(f"{type(net).__name__} is not an mkd network; build it with mkd.networks.build")
+        return cls(net.network_name, net.config)
+
+    def build(self, **overrides: Any) -> MkdNetwork:
+        """Build the network described (``overrides`` replace stored kwargs)."""
+        return build(self.name, **{**self.kwargs, **overrides})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.name = str(state["name"])
+        self.kwargs = dict(state.get("kwargs", {}))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NetworkInfo) and self.state_dict() == other.state_dict()
+
+    def __repr__(self) -> str:
+        return f"NetworkInfo({self.name!r}, {self.kwargs!r})"
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **metadata: Any) -> Path:
+    """Write ``{"model": state_dict, "network": {"name", "kwargs"}, **metadata}`` atomically.
+
+    Args:
+        path: output file (parent folders are created).
+        model: an mkd network, possibly DDP / DataParallel-wrapped (the inner state dict is saved).
+        metadata: extra entries; keep them plain data (numbers, strings, lists, dicts, tensors,
+            other state dicts) so that ``weights_only`` loading accepts them.
+
+    Returns:
+        the path written.
+    """
+    for key in ("model", "network"):
+        if key in metadata:
+            raise ValueError(f"metadata key {key!r} is reserved")
+    net = unwrap_model(model)
+    ckpt = {"model": net.state_dict(), "network": NetworkInfo.of(net).state_dict(), **metadata}
+    path = Path(path)
+    with atomic_file(path, "wb") as fh:
+        torch.save(ckpt, fh)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict with ``torch.load(..., weights_only=True)``.
+
+    Raises:
+        InputError: the file is missing, unreadable, not weights-only safe, or not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"cannot read as a weights-only torch checkpoint ({first})") from err
+    if not isinstance(ckpt, dict):
+        raise InputError(path, f"holds a {type(ckpt).__name__}; expected a dict checkpoint")
+    return ckpt
+
+
+def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_network(
+    path: str | os.PathLike,
+    expected: str | Sequence[str] | None = None,
+    map_location: Any = "cpu",
+    strict: bool = True,
+) -> tuple[MkdNetwork, dict[str, Any]]:
+    """Rebuild a network from a checkpoint's own metadata and load its weights.
+
+    Accepts files written by :func:`save_checkpoint` and MONAI ``CheckpointSaver`` files
+    (a dict with a ``"model"`` key; with ``"network"`` saved through :class:`NetworkInfo`).
+    A bare state dict, or a dict without ``"network"``, can be loaded only when
+    ``expected`` names one architecture; it is then built with that architecture's
+    default (thesis) widths.
+
+    Args:
+        path: checkpoint file.
+        expected: architecture name(s) the caller accepts; ``None`` accepts any.
+        map_location: passed to ``torch.load``.
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``(model, checkpoint dict)``; the model is in eval mode on ``map_location``'s device
+        when that is a device (CPU by default).
+
+    Raises:
+        InputError: missing or unreadable file, another architecture than ``expected``
+            ("... holds a 't1' network; expected 's1'"), no metadata, or weights that do not fit.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location)
+    wanted = [expected] if isinstance(expected, str) else (list(expected) if expected is not None else None)
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        state = ckpt["model"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt  # a bare state dict (e.g. CheckpointSaver with a single object)
+    else:
+        raise InputError(path, f"no 'model' state dict in the checkpoint (keys: {', '.join(map(str, ckpt)) or 'none'})")
+    meta = ckpt.get("network") if isinstance(ckpt.get("network"), Mapping) else None
+    if meta is not None and "name" in meta:
+        info = NetworkInfo()
+        info.load_state_dict(meta)
+    elif wanted is not None and len(wanted) == 1:
+        info = NetworkInfo(wanted[0], {})
+    else:
+        raise InputError(
+            path,
+            "holds no 'network' metadata (name and kwargs), so the network cannot be rebuilt; save it with "
+            "mkd.networks.save_checkpoint or CheckpointSaver(save_dict={'model': net, 'network': NetworkInfo.of(net)})",
+        )
+    if info.name not in NETWORKS:
+        raise InputError(path, f"holds an unknown network {info.name!r}; known: {', '.join(NETWORKS)}")
+    if wanted is not None and info.name not in wanted:
+        raise InputError(path, f"holds a {info.name!r} network; expected {' or '.join(repr(w) for w in wanted)}")
+    try:
+        model = info.build()
+    except (TypeError, ValueError) as err:
+        raise InputError(path, f"cannot rebuild {info.name!r} from its kwargs {info.kwargs}: {err}") from err
+    try:
+        model.load_state_dict(_strip_prefix(state), strict=strict)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[:3])
+        raise InputError(
+            path, f"weights do not fit a {info.name!r} network with kwargs {info.kwargs}: {detail}"
+        ) from err
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    model.eval()
+    return model, ckpt

@@ -1,0 +1,92 @@
+"""Checkpoints: round trip, self-describing metadata, wrong architecture, MONAI CheckpointSaver files."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from mkd.errors import InputError
+from mkd.networks import NetworkInfo, build, load_checkpoint, load_network, save_checkpoint
+
+
+def outputs(net, x):
+    net.eval()
+    with torch.no_grad():
+        return net(x)
+
+
+@pytest.mark.parametrize("name", ["s1", "t2"])
+def test_round_trip_gives_identical_outputs(tmp_path, name):
+    torch.manual_seed(0)
+    net = build(name, "tiny", out_channels=2)
+    net.train()
+    net(torch.rand(2, 3, 32, 32))  # move BatchNorm running stats away from their init
+    x = torch.rand(2, 3, 32, 32)
+    path = save_checkpoint(tmp_path / "sub" / "net.pt", net, epoch=3, metrics={"val_dice": 0.5})
+    assert [p.name for p in path.parent.iterdir()] == ["net.pt"]  # atomic: no temp file left
+    loaded, ckpt = load_network(path, expected=name)
+    assert loaded.network_name == name and not loaded.training
+    assert ckpt["epoch"] == 3 and ckpt["metrics"] == {"val_dice": 0.5}
+    assert ckpt["network"] == {"name": name, "kwargs": net.config}
+    torch.testing.assert_close(outputs(loaded, x), outputs(net, x), rtol=0, atol=0)
+
+
+def test_wrong_architecture_and_missing_file(tmp_path):
+    path = save_checkpoint(tmp_path / "t1.pt", build("t1", "tiny"))
+    with pytest.raises(InputError, match="holds a 't1' network; expected 's1'") as err:
+        load_network(path, expected="s1")
+    assert str(path) in str(err.value)
+    with pytest.raises(InputError, match="expected 's1' or 's2'"):
+        load_network(path, expected=("s1", "s2"))
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(InputError, match="not found") as err:
+        load_network(missing)
+    assert str(err.value).startswith(str(missing))
+
+
+def test_unsafe_or_foreign_files_are_input_errors(tmp_path):
+    bad = tmp_path / "pickled.pt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"model": NetworkInfo("s1")}, fh, protocol=2)  # arbitrary objects: refused by weights_only
+    with pytest.raises(InputError, match="weights-only"):
+        load_checkpoint(bad)
+    mismatch = tmp_path / "mismatch.pt"
+    torch.save({"model": build("s2").state_dict(), "network": {"name": "s1", "kwargs": {}}}, mismatch)
+    with pytest.raises(InputError, match="weights do not fit a 's1' network"):
+        load_network(mismatch)
+
+
+def test_bare_and_ddp_prefixed_state_dicts(tmp_path):
+    net = build("s1")
+    bare = tmp_path / "bare.pt"
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, bare)
+    with pytest.raises(InputError, match="no 'network' metadata"):
+        load_network(bare)
+    loaded, _ = load_network(bare, expected="s1")  # rebuilt with the thesis widths
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(outputs(loaded, x), outputs(net, x))
+
+
+def test_monai_checkpoint_saver_with_network_info(tmp_path):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    net = build("t1", "tiny")
+    info = NetworkInfo.of(net)
+    assert info == NetworkInfo("t1", net.config)
+    engine = Engine(lambda engine, batch: None)
+    CheckpointSaver(
+        str(tmp_path), save_dict={"model": net, "network": info}, save_final=True, final_filename="final.pt"
+    ).attach(engine)
+    engine.run([0], max_epochs=1)
+    loaded, ckpt = load_network(tmp_path / "final.pt", expected="t1")
+    assert set(ckpt) == {"model", "network"}
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(outputs(loaded, x), outputs(net, x))
+    # and MONAI's loader can restore the metadata object itself
+    restored = NetworkInfo()
+    CheckpointLoader(str(tmp_path / "final.pt"), {"network": restored}).attach(Engine(lambda e, b: None))
+    restored.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True)["network"])
+    assert restored == info
