@@ -9,6 +9,7 @@ from mkd.data.decathlon import Case, Task, download_task, extract_task, locate_t
 from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, PHANTOM_TASK, phantom_case, write_phantom
 from mkd.data.prepare import PrepareSummary, load_manifest, load_prepare_info, load_split, prepare_dataset
 from mkd.data.split import read_split_file, split_patients, student_subset
+from mkd.data.teacher_cache import CACHE_PREFIX, LoadTeacherCached, TeacherCache
 from mkd.data.transforms import (
     DEFAULT_WINDOW,
     LoadSliced,
@@ -20,6 +21,9 @@ from mkd.data.transforms import (
 )
 
 __all__ = [
+    "CACHE_PREFIX",
+    "LoadTeacherCached",
+    "TeacherCache",
     "Case",
     "DEFAULT_WINDOW",
     "LoadSliced",

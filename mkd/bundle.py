@@ -1,0 +1,275 @@
+"""Run mkd's MONAI bundles: compose config files, apply overrides, run in-process or through torchrun.
+
+The CLI commands ``mkd teacher``, ``mkd student`` and ``mkd distill`` are thin
+wrappers around :func:`run_bundle`. Every run writes its fully merged config
+(``config.json``) and the bundle metadata beside its checkpoints, so that
+``python -m monai.bundle run --config_file RUN/config.json`` repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mkd.errors import InputError, MkdError
+from mkd.utils import write_json
+
+__all__ = [
+    "BUNDLES",
+    "bundles_dir",
+    "bundle_configs",
+    "compose_config",
+    "run_bundle",
+    "last_checkpoint",
+    "check_datalist",
+    "parse_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the bundles shipped in ``bundles/``
+BUNDLES = ("teacher", "student", "distill")
+PROFILES = ("cpu", "thesis")
+
+
+def bundles_dir() -> Path:
+    """The folder holding the bundles: ``$MKD_BUNDLES`` or ``bundles/`` beside the ``mkd`` package."""
+    env = os.environ.get("MKD_BUNDLES")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "bundles"
+    if not path.is_dir():
+        raise MkdError(f"{path}: bundle folder not found; set MKD_BUNDLES to the repository's bundles/ folder")
+    return path
+
+
+def bundle_configs(name: str, profile: str | None = "cpu", extra: Sequence[str] = ()) -> list[Path]:
+    """The config files of bundle ``name``, in merge order: ``train.json``, the profile, then ``extra``.
+
+    Args:
+        name: one of :data:`BUNDLES`.
+        profile: ``"cpu"``, ``"thesis"`` or ``None`` (``train.json`` as it is).
+        extra: further config names of the bundle, e.g. ``("multi_gpu_train",)`` or ``("evaluate",)``.
+
+    Raises:
+        MkdError: unknown bundle, profile or config name.
+    """
+    if name not in BUNDLES:
+        raise MkdError(f"unknown bundle {name!r}; available: {', '.join(BUNDLES)}")
+    if profile is not None and profile not in PROFILES:
+        raise MkdError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
+    configs = bundles_dir() / name / "configs"
+    names = ["train"] + ([f"profile_{profile}"] if profile else []) + list(extra)
+    files = [configs / f"{n}.json" for n in names]
+    for f in files:
+        if not f.is_file():
+            raise MkdError(f"{f}: bundle config not found")
+    return files
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings (``--set``); VALUE is read as JSON when it parses, else kept as a string.
+
+    Example:
+        >>> parse_overrides(["train#epochs=3", "arch=s2", "image_size=[64, 64]"])
+        {'train#epochs': 3, 'arch': 's2', 'image_size': [64, 64]}
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MkdError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=3")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | None = None, strict: bool = True):
+    """Merge config files and apply overrides into a :class:`monai.bundle.ConfigParser`.
+
+    Args:
+        files: config files, later ones override earlier ones.
+        overrides: ``{id: value}`` with MONAI ids (``"train#trainer#max_epochs"``).
+        strict: an override whose id is not in the merged config is an error
+            (this catches typos such as ``epochz=3``).
+
+    Raises:
+        MkdError: an unknown key when ``strict``.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    for key, value in (overrides or {}).items():
+        if strict and key not in parser:
+            top = sorted(k for k in parser.config if not k.startswith("_"))
+            raise MkdError(
+                f"unknown bundle key {key!r} (in {Path(files[0]).parent.parent.name}); top-level keys: {', '.join(top)}"
+            )
+        parser[key] = value
+    return parser
+
+
+def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (the resume point), or ``None``."""
+    best: tuple[int, Path] | None = None
+    for p in Path(ckpt_dir).glob("checkpoint_epoch=*.pt"):
+        m = re.search(r"epoch=(\d+)\.pt$", p.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return None if best is None else str(best[1])
+
+
+def check_datalist(dataset_dir: str | os.PathLike, splits: Sequence[str]) -> None:
+    """Fail early with a clear message when the prepared dataset or one of its splits is missing or empty.
+
+    Raises:
+        InputError: no ``datalist.json`` in ``dataset_dir``, or a split missing or empty.
+    """
+    path = Path(dataset_dir) / "datalist.json"
+    if not path.is_file():
+        raise InputError(path, "datalist not found; run `mkd prepare` first (or pass --data)")
+    try:
+        datalist = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    for split in splits:
+        if not datalist.get(split):
+            available = [k for k, v in datalist.items() if isinstance(v, list) and v]
+            raise InputError(path, f"split {split!r} is missing or empty; non-empty splits: {', '.join(available)}")
+
+
+def run_bundle(
+    name: str,
+    output_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    profile: str | None = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    nproc: int = 1,
+    extra_configs: Sequence[str] = (),
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Run one of mkd's bundles and return a summary of the run.
+
+    The merged config is saved as ``OUTPUT/config.json`` (with the metadata as
+    ``OUTPUT/metadata.json``) and then run: in this process when ``nproc == 1``,
+    otherwise through ``torchrun`` with the bundle's ``multi_gpu_train.json``.
+
+    Args:
+        name: bundle name (``teacher``, ``student``, ``distill``).
+        output_dir: where checkpoints (``models/``), logs, ``metrics.csv`` and ``config.json`` go.
+        dataset_dir: a folder written by ``mkd prepare``.
+        profile: ``cpu`` or ``thesis``.
+        overrides: further ``{bundle id: value}`` settings (``--set``).
+        resume: continue from the last checkpoint in ``output_dir``.
+        nproc: number of processes (DDP; gloo on CPU, nccl on GPU).
+        extra_configs: further bundle config names merged after the profile.
+        seed: random seed.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ... or ``None`` for automatic.
+
+    Returns:
+        dict with ``output_dir``, ``checkpoint`` (best on validation), ``best_epoch``,
+        ``best_val_mean_dice``, ``epochs`` and ``seconds``.
+
+    Raises:
+        MkdError / InputError: bad options, missing data, nothing to resume, existing output.
+    """
+    output_dir = Path(output_dir).resolve()
+    dataset_dir = Path(dataset_dir).resolve()
+    if nproc < 1:
+        raise MkdError(f"--nproc must be >= 1, got {nproc}")
+    extra = list(extra_configs) + (["multi_gpu_train"] if nproc > 1 else [])
+    files = bundle_configs(name, profile, extra)
+    settings: dict[str, Any] = {
+        "bundle_root": str(files[0].parent.parent),
+        "output_dir": str(output_dir),
+        "dataset_dir": str(dataset_dir),
+        "seed": int(seed),
+        "resume": bool(resume),
+    }
+    if device not in (None, "auto"):
+        settings["device"] = f"$torch.device({device!r})"
+    settings.update(overrides or {})
+    parser = compose_config(files, settings)
+    ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
+    if resume:
+        if last_checkpoint(ckpt_dir) is None:
+            raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
+    elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
+    check_datalist(dataset_dir, [parser["train_split"], parser["val_split"]])
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_file = output_dir / "config.json"
+    meta_file = output_dir / "metadata.json"
+    write_json(config_file, parser.config)
+    write_json(meta_file, json.loads((files[0].parent / "metadata.json").read_text()))
+
+    t0 = time.perf_counter()
+    if nproc == 1:
+        _run_in_process(parser)
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "monai.bundle", "run", "--config_file", str(config_file), "--meta_file", str(meta_file),
+        ]  # fmt: skip
+        logger.info("launching %s", " ".join(cmd))
+        result = subprocess.run(cmd, check=False)
+        if result.returncode != 0:
+            raise MkdError(f"distributed run failed (exit {result.returncode}); see the log above")
+    summary = summarize_run(output_dir)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(output_dir / "summary.json", summary)
+    return summary
+
+
+def _run_in_process(parser) -> None:
+    """Run ``initialize``, ``run`` and ``finalize`` of a parsed bundle config, as ``monai.bundle run`` does."""
+    try:
+        for section in ("initialize", "run"):
+            if section in parser:
+                parser.get_parsed_content(section, lazy=True)
+    except Exception as err:
+        # MONAI wraps errors raised while resolving the config ("Failed to evaluate ...");
+        # surface the user's error (bad checkpoint, missing data) instead of the wrapper
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, MkdError):
+            if isinstance(cause, ValueError) and cause.__cause__ is None:
+                # a bad setting rejected by a constructor (unknown arch, bad weight, ...)
+                raise MkdError(f"bad bundle setting: {cause}") from err
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        if "finalize" in parser:
+            parser.get_parsed_content("finalize", lazy=True)
+
+
+def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``metrics.csv`` of a finished run: best validation Dice, its epoch, number of epochs."""
+    import pandas as pd
+
+    output_dir = Path(output_dir)
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "checkpoint": str(output_dir / "models" / "model.pt")}
+    csv = output_dir / "metrics.csv"
+    if csv.is_file():
+        df = pd.read_csv(csv)
+        summary["epochs"] = int(df["epoch"].max()) if len(df) else 0
+        if "val_mean_dice" in df and df["val_mean_dice"].notna().any():
+            best = df.loc[df["val_mean_dice"].idxmax()]
+            summary["best_epoch"] = int(best["epoch"])
+            for col in df.columns:
+                if col.startswith("val_"):
+                    summary[f"best_{col}"] = float(best[col])
+    return summary

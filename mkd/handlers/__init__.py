@@ -1,0 +1,28 @@
+"""MONAI / ignite event handlers: reconstruction loss, distillation, per-epoch CSV logging."""
+
+from __future__ import annotations
+
+from mkd.handlers.csv_logger import LOSS_TERMS_KEY, EpochCSVLogger
+from mkd.handlers.distillation import (
+    THESIS_WEIGHTS,
+    DistillationHandler,
+    build_projector,
+    distillation_weights,
+    load_teacher,
+)
+from mkd.handlers.progress import TrainingProgressBar
+from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
+
+__all__ = [
+    "DistillationHandler",
+    "THESIS_WEIGHTS",
+    "build_projector",
+    "distillation_weights",
+    "load_teacher",
+    "EpochCSVLogger",
+    "LOSS_TERMS_KEY",
+    "RECON_KEY",
+    "ReconstructionLossHandler",
+    "ReconstructionOutputHandler",
+    "TrainingProgressBar",
+]

@@ -1,0 +1,300 @@
+"""Multi-scale contrastive knowledge distillation as a MONAI / ignite event handler.
+
+Attached to a stock :class:`monai.engines.SupervisedTrainer` whose network is
+the student, :class:`DistillationHandler` turns the trainer's segmentation loss
+``L_seg`` into
+
+    L = w_seg * L_seg + sum_s w_s * L_feat(P_s(S_s), P_s(T_s)) + w_pmd * L_PMD(z_S, z_T)
+
+before backward, where ``S_s`` / ``T_s`` are student / teacher features at scale
+``s`` (recorded with forward hooks), ``P_s`` are trainable projector heads
+(:class:`~mkd.networks.projector.ProjectorHeads`, which must be in the
+optimiser), ``L_feat`` is InfoNCE or feature MSE and ``L_PMD`` is the
+temperature-softened prediction-map KD. The student stays a plain logits-out
+network, so stock evaluators, metrics, checkpoint savers and inferers work on
+it unchanged. The teacher is frozen (eval mode, no gradients); its outputs come
+either from a live forward pass or from the teacher cache
+(:mod:`mkd.data.teacher_cache`) when the batch carries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys, min_version, optional_import
+
+from mkd.errors import InputError
+from mkd.handlers.csv_logger import LOSS_TERMS_KEY
+
+Events, _ = optional_import("ignite.engine", "0.4.4", min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", "0.4.4", min_version, "Engine")
+
+__all__ = [
+    "DistillationHandler",
+    "THESIS_WEIGHTS",
+    "load_teacher",
+    "build_projector",
+    "distillation_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the thesis's T1 -> S1 weights (SPEC §3)
+THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
+_FEATURE_LOSSES = ("contrastive", "mse")
+
+
+def distillation_weights(
+    scales: Sequence[str], weights: Mapping[str, float] | None = None, pmd: bool = False
+) -> dict[str, float]:
+    """The ``{term: weight}`` mapping for a run: thesis defaults for ``scales``, updated by ``weights``.
+
+    Terms are the scales, ``seg`` and ``pmd`` (0 unless ``pmd`` is true or given in ``weights``).
+
+    Example:
+        >>> distillation_weights(["bn"], pmd=True)
+        {'seg': 0.4, 'bn': 0.2, 'pmd': 0.2}
+        >>> distillation_weights(["enc", "bn"], {"bn": 0.5})
+        {'seg': 0.4, 'enc': 0.1, 'bn': 0.5, 'pmd': 0.0}
+    """
+    out = {"seg": THESIS_WEIGHTS["seg"]}
+    for s in scales:
+        out[s] = THESIS_WEIGHTS.get(s, 0.1)
+    out["pmd"] = THESIS_WEIGHTS["pmd"] if pmd else 0.0
+    for k, v in (weights or {}).items():
+        if k not in out:
+            raise ValueError(
+                f"weight for {k!r} given, but {k!r} is not a selected scale, 'seg' or 'pmd' ({list(out)})."
+            )
+        out[k] = float(v)
+    return out
+
+
+def load_teacher(
+    path: str | os.PathLike, device: torch.device | str = "cpu", image_size: Sequence[int] | None = None
+) -> torch.nn.Module:
+    """Load a teacher checkpoint (weights only), frozen and in eval mode.
+
+    Args:
+        path: a checkpoint written by the teacher bundle (``models/model.pt``).
+        device: where to put the teacher.
+        image_size: the slice size of the distillation run; when the checkpoint records the
+            size its teacher was trained on, a different one is an error.
+
+    Raises:
+        InputError: missing or unreadable checkpoint, or a teacher-student input-size mismatch.
+    """
+    from mkd.networks import load_network
+
+    if not os.path.isfile(path):
+        raise InputError(path, "teacher checkpoint not found; train one with `mkd teacher` (or pass --teacher)")
+    teacher, ckpt = load_network(path, map_location="cpu")
+    trained = (ckpt.get("run") or {}).get("image_size")
+    if image_size is not None and trained is not None and list(trained) != list(image_size):
+        raise InputError(
+            path,
+            f"teacher was trained on {'x'.join(map(str, trained))} slices but this run feeds "
+            f"{'x'.join(map(str, image_size))}; use the same image_size (or profile) as the teacher",
+        )
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def build_projector(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    scales: Sequence[str],
+    embed_dim: int = 128,
+    kind: str = "linear",
+    project: str = "both",
+):
+    """Projector heads sized from the student's and teacher's channel counts at ``scales``."""
+    from mkd.networks import feature_channels
+    from mkd.networks.projector import ProjectorHeads
+
+    scales = list(scales)
+    if not scales:
+        # PMD-only runs have no feature scale: an empty module keeps checkpoints uniform
+        return torch.nn.Module()
+    return ProjectorHeads(
+        feature_channels(student, scales),
+        feature_channels(teacher, scales),
+        embed_dim=embed_dim,
+        kind=kind,
+        project=project,
+        spatial_dims=int(getattr(student, "spatial_dims", 2)),
+    )
+
+
+class DistillationHandler:
+    """Add multi-scale feature distillation and prediction-map distillation to a trainer's loss.
+
+    Args:
+        teacher: the frozen teacher (any mkd network; DDP-wrapping is not needed, it is not trained).
+        student: the trainer's network (may be DDP-wrapped).
+        projector: trainable projector heads covering the weighted scales (must be in the optimiser).
+        weights: ``{term: weight}`` with terms ``seg``, ``pmd`` and scale names (``enc``, ``bn``,
+            ``dec``); see :func:`distillation_weights`. Scales with weight 0 are not computed.
+        loss: ``"contrastive"`` (InfoNCE) or ``"mse"`` (FitNets feature regression).
+        temperature: InfoNCE temperature τ.
+        mode: InfoNCE variant: ``"image"`` (thesis), ``"pixel"`` or ``"supervised"``.
+        symmetric: average both InfoNCE directions.
+        max_samples: location budget of the pixel / supervised variants.
+        pmd_temperature: PMD temperature T (loss multiplied by T²).
+
+    Raises:
+        ValueError: unknown loss or scale (the message lists the valid ones), negative weights.
+
+    Example (in a bundle)::
+
+        {"_target_": "mkd.handlers.DistillationHandler", "teacher": "@teacher", "student": "@network",
+         "projector": "@projector", "weights": {"seg": 0.4, "bn": 0.2, "pmd": 0.2}}
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        student: torch.nn.Module,
+        projector: torch.nn.Module | None,
+        weights: Mapping[str, float],
+        loss: str = "contrastive",
+        temperature: float = 0.4,
+        mode: str = "image",
+        symmetric: bool = False,
+        max_samples: int = 1024,
+        pmd_temperature: float = 4.0,
+    ) -> None:
+        from mkd.losses import FeatureMSELoss, InfoNCELoss, PMDLoss
+        from mkd.networks import FeatureRecorder
+
+        if loss not in _FEATURE_LOSSES:
+            raise ValueError(f"loss={loss!r} is not supported; expected one of {_FEATURE_LOSSES}.")
+        bad = {k: v for k, v in weights.items() if float(v) < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0; got {bad}.")
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.seg_weight = self.weights.get("seg", 1.0)
+        self.pmd_weight = self.weights.get("pmd", 0.0)
+        self.scales = [k for k, v in self.weights.items() if k not in ("seg", "pmd") and v > 0]
+        self.teacher = teacher
+        self.student = student
+        self.projector = projector
+        if self.scales and not isinstance(projector, torch.nn.Module):
+            raise ValueError("a projector (ProjectorHeads) is required when feature scales are weighted.")
+        self.loss_name = loss
+        self.feature_loss = (
+            InfoNCELoss(temperature=temperature, mode=mode, symmetric=symmetric, max_samples=max_samples)
+            if loss == "contrastive"
+            else FeatureMSELoss()
+        )
+        self.mode = mode
+        self.pmd = PMDLoss(temperature=pmd_temperature)
+        # both recorders resolve the scale names now, so a typo fails before any training
+        self.student_recorder = FeatureRecorder(student, self.scales) if self.scales else None
+        self.teacher_recorder = FeatureRecorder(teacher, self.scales, detach=True) if self.scales else None
+        self._stack = contextlib.ExitStack()
+        self.live_steps = 0
+        self.cached_steps = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._freeze_teacher)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._add_loss)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._sync_projector_grads)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def _freeze_teacher(self, engine: Engine | None = None) -> None:
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def _start(self, engine: Engine) -> None:
+        self._stack.close()
+        if self.student_recorder is not None:
+            self._stack.enter_context(self.student_recorder.recording())
+
+    def _teacher_outputs(self, engine: Engine, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        """Teacher features and logits: from the batch (cache) when present, else a live forward."""
+        from mkd.data.teacher_cache import CACHE_PREFIX
+
+        batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
+        keys = [CACHE_PREFIX + s for s in self.scales] + ([CACHE_PREFIX + "logits"] if self.pmd_weight > 0 else [])
+        if keys and all(k in batch for k in keys):
+            self.cached_steps += 1
+            feats = {s: batch[CACHE_PREFIX + s].to(images.device) for s in self.scales}
+            logits = batch[CACHE_PREFIX + "logits"].to(images.device) if self.pmd_weight > 0 else None
+            return feats, logits
+        self.live_steps += 1
+        self.teacher.eval()
+        had_reconstruct = getattr(self.teacher, "reconstruct", None)
+        try:
+            if had_reconstruct is not None:
+                self.teacher.reconstruct = False
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if self.teacher_recorder is not None:
+                    stack.enter_context(self.teacher_recorder.recording())
+                logits = self.teacher(images)
+                feats = dict(self.teacher_recorder.features) if self.teacher_recorder is not None else {}
+        finally:
+            if had_reconstruct is not None:
+                self.teacher.reconstruct = had_reconstruct
+        return feats, logits
+
+    def _add_loss(self, engine: Engine) -> None:
+        output = engine.state.output
+        student_feats = dict(self.student_recorder.features) if self.student_recorder is not None else {}
+        self._stack.close()
+        seg_loss = output[CommonKeys.LOSS]
+        images = output[CommonKeys.IMAGE]
+        teacher_feats, teacher_logits = self._teacher_outputs(engine, images)
+        total = self.seg_weight * seg_loss
+        terms: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
+        labels = output.get(CommonKeys.LABEL) if self.mode == "supervised" else None
+        for scale in self.scales:
+            s_emb, t_emb = self.projector(scale, student_feats[scale], teacher_feats[scale])
+            if self.loss_name == "contrastive":
+                term = self.feature_loss(s_emb, t_emb, labels)
+            else:
+                term = self.feature_loss(s_emb, t_emb)
+            total = total + self.weights[scale] * term
+            terms[f"{self.loss_name}_{scale}"] = term.detach()
+        if self.pmd_weight > 0:
+            term = self.pmd(output[CommonKeys.PRED], teacher_logits)
+            total = total + self.pmd_weight * term
+            terms["pmd"] = term.detach()
+        output[CommonKeys.LOSS] = total
+        setattr(engine.state, LOSS_TERMS_KEY, terms)
+
+    def _sync_projector_grads(self, engine: Engine) -> None:
+        """Average the projector's gradients over processes (the student is DDP-wrapped, the projector is not)."""
+        dist = torch.distributed
+        if self.projector is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        if world < 2:
+            return
+        for p in self.projector.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+    def close(self, engine: Engine | None = None) -> None:
+        """Remove the forward hooks (called when the run completes)."""
+        self._stack.close()
+        for rec in (self.student_recorder, self.teacher_recorder):
+            if rec is not None:
+                rec.close()
+        if self.live_steps or self.cached_steps:
+            logger.info("distillation: %d steps from the teacher cache, %d live", self.cached_steps, self.live_steps)

@@ -1,0 +1,107 @@
+"""Small shared helpers: atomic outputs, seeding, device choice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mkd.errors import MkdError
+
+__all__ = ["atomic_dir", "atomic_file", "write_json", "seed_everything", "resolve_device", "PlainState"]
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and move it into place only on success.
+
+    Nothing is left at ``target`` if the body raises, and an existing ``target``
+    is replaced only when the body completes and ``overwrite`` is true.
+
+    Args:
+        target: final directory path.
+        overwrite: replace an existing ``target``; otherwise an existing one is an error.
+
+    Raises:
+        MkdError: ``target`` exists and ``overwrite`` is false.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MkdError(f"{target}: output already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside ``target``; rename it over ``target`` when the body succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_file(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (MONAI's ``set_determinism``) for repeatable CPU runs."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+
+
+def resolve_device(device: str | None = None) -> torch.device:  # noqa: F821
+    """Return ``torch.device(device)``; ``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class PlainState:
+    """Plain metadata with ``state_dict`` / ``load_state_dict``, so MONAI's CheckpointSaver can store it.
+
+    Example:
+        >>> info = PlainState(image_size=[96, 96], bundle="teacher")
+        >>> info.state_dict()
+        {'image_size': [96, 96], 'bundle': 'teacher'}
+    """
+
+    def __init__(self, **data: Any) -> None:
+        self.data = json.loads(json.dumps(data, default=str))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data = dict(state)

@@ -1,0 +1,238 @@
+"""The teacher and student bundles: one-epoch runs on a tiny phantom, checkpoints, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mkd.bundle import BUNDLES, bundles_dir, compose_config, last_checkpoint, run_bundle
+from mkd.errors import InputError, MkdError
+
+# tiny but real: 32x32 slices, CPU-sized networks, one epoch
+TINY_TEACHER = {"image_size": [32, 32], "network_preset": "tiny", "batch_size": 8}
+TINY_STUDENT = {"image_size": [32, 32], "batch_size": 8}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    summary = run_bundle("teacher", out, tiny_prepared, overrides={**TINY_TEACHER, "epochs": 2}, seed=0)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def student_run(tiny_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    summary = run_bundle("student", out, tiny_prepared, overrides={**TINY_STUDENT, "epochs": 3}, seed=0)
+    return out, summary
+
+
+@pytest.mark.slow
+def test_teacher_run_writes_checkpoint_logs_and_reconstruction_metrics(teacher_run):
+    out, summary = teacher_run
+    ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert ckpt["network"]["name"] == "t1" and ckpt["network"]["kwargs"]["features"] == [8, 16, 32, 64, 128]
+    assert any(k.startswith("recon") for k in ckpt["model"])  # the reconstruction decoder is saved too
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df["epoch"]) == [1, 2]
+    # both loss terms are logged and the total is seg + 0.2 * recon
+    assert {"train_seg", "train_recon", "val_mean_dice", "val_mean_iou", "val_psnr"} <= set(df.columns)
+    expected = df["train_seg"] + 0.2 * df["train_recon"]
+    assert (df["train_loss"] - expected).abs().max() < 1e-4
+    assert (df["val_psnr"] > 0).all()
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "t1" and config["image_size"] == [32, 32]
+    assert summary["best_epoch"] in (1, 2)
+
+
+@pytest.mark.slow
+def test_student_best_checkpoint_is_the_best_validation_epoch(student_run, tiny_prepared):
+    """model.pt must be the epoch with the highest validation Dice, re-measured on the validation patients."""
+    from monai.bundle import ConfigParser
+
+    out, summary = student_run
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df["epoch"]) == [1, 2, 3]
+    best = df.loc[df["val_mean_dice"].idxmax()]
+    assert summary["best_epoch"] == int(best["epoch"])
+
+    parser = ConfigParser()
+    parser.read_config(str(out / "config.json"))
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True)["model"])
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    assert evaluator.state.metrics["val_mean_dice"] == pytest.approx(float(best["val_mean_dice"]), abs=1e-5)
+    # selection used the validation patients, never the test ones
+    datalist = json.loads((Path(tiny_prepared) / "datalist.json").read_text())
+    val_patients = {d["patient"] for d in parser.get_parsed_content("validate#data")}
+    assert val_patients == set(datalist["patients"]["validation"])
+    assert not val_patients & set(datalist["patients"]["test"])
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(student_run, tiny_prepared, tmp_path):
+    out, _ = student_run
+    run_bundle("student", tmp_path / "again", tiny_prepared, overrides={**TINY_STUDENT, "epochs": 3}, seed=0)
+    a = pd.read_csv(out / "metrics.csv")
+    b = pd.read_csv(tmp_path / "again" / "metrics.csv")
+    pd.testing.assert_series_equal(a["val_mean_dice"], b["val_mean_dice"])
+    pd.testing.assert_series_equal(a["train_loss"], b["train_loss"])
+
+
+def _mkd(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mkd", *args], env=env, cwd=ROOT, **kwargs)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_losing_at_most_one_epoch(tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    args = ["student", "--data", str(tiny_prepared), "--output", str(out), "--epochs", "6",
+            "--set", "image_size=[32, 32]", "--set", "batch_size=4"]  # fmt: skip
+    proc = _mkd(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = last_checkpoint(out / "models")
+        if ckpt and ckpt.endswith("epoch=2.pt"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = last_checkpoint(out / "models")
+    assert killed_at is not None, "the run was killed before its first checkpoint"
+    done = int(Path(killed_at).stem.split("=")[1])
+    assert done < 6
+
+    resumed = _mkd(*args, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df["epoch"]) == [1, 2, 3, 4, 5, 6]  # no epoch twice, none missing
+    assert last_checkpoint(out / "models").endswith("epoch=6.pt")
+    # the resumed process continued from the last checkpoint: only the epoch in progress was lost
+    assert f"resuming from {killed_at} (epoch {done} of 6)" in log
+
+
+@pytest.mark.slow
+def test_two_process_ddp_epoch(tiny_prepared, tmp_path):
+    summary = run_bundle("student", tmp_path / "ddp", tiny_prepared, overrides={**TINY_STUDENT, "epochs": 1}, nproc=2)
+    ckpt = torch.load(tmp_path / "ddp" / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped, loads into a plain net
+    assert summary["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_monai_bundle_run_runs_the_same_bundle(tiny_prepared, tmp_path):
+    out = tmp_path / "mb"
+    cmd = [sys.executable, "-m", "monai.bundle", "run",
+           "--config_file", str(ROOT / "bundles/student/configs/train.json"),
+           "--dataset_dir", str(tiny_prepared), "--output_dir", str(out),
+           "--epochs", "1", "--image_size", "[32, 32]", "--batch_size", "8"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file()
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1]
+
+
+def test_unknown_override_key_is_a_clear_error(tiny_prepared, tmp_path):
+    with pytest.raises(MkdError, match=r"unknown bundle key 'epochz'"):
+        run_bundle("student", tmp_path / "x", tiny_prepared, overrides={"epochz": 3})
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_datalist_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=r"datalist.json: datalist not found; run `mkd prepare` first"):
+        run_bundle("student", tmp_path / "x", tmp_path / "nodata")
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_arch_is_a_clear_error(tiny_prepared, tmp_path):
+    from click.testing import CliRunner
+
+    from mkd.cli import cli
+
+    result = CliRunner().invoke(cli, ["student", "--arch", "t9", "--data", str(tiny_prepared)])
+    assert result.exit_code == 2 and "Invalid value for '--arch'" in result.output
+    with pytest.raises(MkdError, match=r"bad bundle setting: unknown network .t9.; expected one of unet, t1, t2"):
+        run_bundle("student", tmp_path / "y", tiny_prepared, overrides={"arch": "t9", "epochs": 1})
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_prepared, tmp_path):
+    with pytest.raises(MkdError, match=r"nothing to resume"):
+        run_bundle("student", tmp_path / "z", tiny_prepared, resume=True)
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_metadata_has_every_field_the_bundle_schema_requires(name):
+    meta = json.loads((bundles_dir() / name / "configs" / "metadata.json").read_text())
+    required = ["version", "changelog", "monai_version", "pytorch_version", "numpy_version", "task",
+                "description", "authors", "copyright", "network_data_format"]  # fmt: skip
+    assert not [k for k in required if k not in meta]
+    assert meta["version"] in meta["changelog"]
+    for io in ("inputs", "outputs"):
+        for spec in meta["network_data_format"][io].values():
+            fields = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data")
+            assert not [f for f in fields if f not in spec]
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 1
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_bundle_layout_matches_the_model_zoo(name):
+    root = bundles_dir() / name
+    for f in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "metadata.json",
+              "logging.conf", "profile_cpu.json", "profile_thesis.json"):  # fmt: skip
+        assert (root / "configs" / f).is_file(), f
+    assert (root / "docs" / "README.md").is_file()
+    # evaluate.json and inference.json are overrides of train.json: they parse only on top of it
+    parser = compose_config([root / "configs" / "train.json", root / "configs" / "evaluate.json"])
+    assert parser["eval_split"] == "test"
+
+
+@pytest.mark.slow
+def test_distill_bundle_trains_student_and_projector_from_teacher(teacher_run, tiny_prepared, tmp_path):
+    from mkd.networks import load_network
+
+    teacher_dir, _ = teacher_run
+    out = tmp_path / "distill"
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher_dir / "models" / "model.pt"),
+                 "scales": ["enc", "bn", "dec"], "pmd": True}  # fmt: skip
+    run_bundle("distill", out, tiny_prepared, overrides=overrides)
+    df = pd.read_csv(out / "metrics.csv")
+    for term in ("seg", "contrastive_enc", "contrastive_bn", "contrastive_dec", "pmd"):
+        assert df[f"train_{term}"].iloc[0] > 0, term
+    w = {"seg": 0.4, "enc": 0.1, "bn": 0.2, "dec": 0.1, "pmd": 0.2}  # the thesis's T1->S1 weights
+    total = sum(w[k] * df[f"train_{'contrastive_' + k if k in ('enc', 'bn', 'dec') else k}"] for k in w)
+    assert (df["train_loss"] - total).abs().max() < 1e-4
+    ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["projector"]} == {"student_heads", "teacher_heads"}
+    assert ckpt["run"]["weights"] == w
+    assert (out / "teacher_cache" / "index.json").is_file()
+    student, _ = load_network(out / "models" / "model.pt", expected="s1")  # usable like any student
+    assert student(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_distill_with_a_teacher_of_another_input_size_is_a_clear_error(teacher_run, tiny_prepared, tmp_path):
+    teacher_dir, _ = teacher_run
+    overrides = {**TINY_STUDENT, "image_size": [64, 64], "epochs": 1,
+                 "teacher_ckpt": str(teacher_dir / "models" / "model.pt")}  # fmt: skip
+    with pytest.raises(InputError, match=r"teacher was trained on 32x32 slices but this run feeds 64x64"):
+        run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
+
+
+def test_distill_with_missing_teacher_is_a_clear_error(tiny_prepared, tmp_path):
+    overrides = {**TINY_STUDENT, "teacher_ckpt": str(tmp_path / "none.pt")}
+    with pytest.raises(InputError, match=r"none\.pt: teacher checkpoint not found"):
+        run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)

@@ -1,0 +1,172 @@
+"""DistillationHandler on a stock SupervisedTrainer: loss composition, gradients, cache parity, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.losses import DiceLoss
+
+from mkd.data.teacher_cache import LoadTeacherCached, TeacherCache
+from mkd.errors import InputError
+from mkd.handlers import DistillationHandler, build_projector, distillation_weights, load_teacher
+from mkd.networks import build, save_checkpoint
+
+SIZE = 32
+
+
+def _items(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        image = torch.rand(3, SIZE, SIZE, generator=g)
+        label = (image[:1] > 0.6).float()
+        items.append({"patient": f"p{i // 4}", "slice": i % 4, "image": image, "label": label})
+    return items
+
+
+def _setup(scales=("enc", "bn", "dec"), pmd=True, loss="contrastive", seed=0):
+    torch.manual_seed(seed)
+    teacher = build("t1", preset="tiny").eval()
+    student = build("s1")
+    projector = build_projector(student, teacher, list(scales), embed_dim=16)
+    weights = distillation_weights(list(scales), pmd=pmd)
+    handler = DistillationHandler(teacher, student, projector, weights, loss=loss, temperature=0.4)
+    return teacher, student, projector, handler
+
+
+def _trainer(student, projector, data, handler, lr=0.0):
+    params = list(student.parameters()) + list(projector.parameters())
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=torch.utils.data.DataLoader(data, batch_size=4, shuffle=False),
+        network=student,
+        optimizer=torch.optim.SGD(params, lr=lr),
+        loss_function=DiceLoss(sigmoid=True),
+    )
+    handler.attach(trainer)
+    records = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine):
+        out = engine.state.output[0]  # decollated: one dict per slice, the loss repeated
+        records.append({"loss": float(out["loss"]), **{k: float(v) for k, v in engine.state.loss_terms.items()}})
+
+    return trainer, records
+
+
+def test_loss_is_the_weighted_sum_of_its_terms():
+    teacher, student, projector, handler = _setup()
+    trainer, records = _trainer(student, projector, _items(), handler)
+    trainer.run()
+    w = handler.weights
+    for r in records:
+        expected = (w["seg"] * r["seg"] + w["enc"] * r["contrastive_enc"] + w["bn"] * r["contrastive_bn"]
+                    + w["dec"] * r["contrastive_dec"] + w["pmd"] * r["pmd"])  # fmt: skip
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["pmd"] > 0  # the Bernoulli PMD is not the identically-zero softmax over one channel
+    assert w == {"seg": 0.4, "enc": 0.1, "bn": 0.2, "dec": 0.1, "pmd": 0.2}
+
+
+def test_gradients_reach_student_and_projector_never_the_teacher():
+    teacher, student, projector, handler = _setup()
+    grads = {}
+
+    trainer, _ = _trainer(student, projector, _items(4), handler, lr=0.1)
+    before = {k: v.clone() for k, v in projector.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def grab(engine):
+        grads["projector"] = [p.grad for p in projector.parameters()]
+        grads["student"] = [p.grad for p in student.parameters()]
+        grads["teacher"] = [p.grad for p in teacher.parameters()]
+
+    trainer.run()
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["projector"])
+    assert sum(float(g.abs().sum()) for g in grads["student"] if g is not None) > 0
+    assert all(g is None for g in grads["teacher"])
+    assert all(not p.requires_grad for p in teacher.parameters())
+    changed = [k for k, v in projector.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(before)  # every projector tensor was updated by the optimiser
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_hooks_are_removed_when_the_run_completes():
+    teacher, student, projector, handler = _setup()
+    trainer, _ = _trainer(student, projector, _items(4), handler)
+    assert any(m._forward_hooks for m in student.modules())
+    trainer.run()
+    assert not any(m._forward_hooks for m in student.modules())
+    assert not any(m._forward_hooks for m in teacher.modules())
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "mse"])
+def test_cache_and_live_teacher_give_the_same_losses(tmp_path, loss):
+    items = _items()
+    teacher, student, projector, handler = _setup(loss=loss)
+    cache = TeacherCache.build(teacher, student, items, lambda d: d, ["enc", "bn", "dec"], tmp_path / "c",
+                               (SIZE, SIZE), logits=True, dtype="float32", batch_size=3)  # fmt: skip
+    assert len(cache) == len(items)
+    live_trainer, live = _trainer(student, projector, items, handler)
+    live_trainer.run()
+    assert handler.live_steps == 2 and handler.cached_steps == 0
+
+    _, student2, projector2, handler2 = _setup(loss=loss)
+    student2.load_state_dict(student.state_dict())
+    projector2.load_state_dict(projector.state_dict())
+    cached_items = [LoadTeacherCached(cache)(d) for d in items]
+    cached_trainer, cached = _trainer(student2, projector2, cached_items, handler2)
+    cached_trainer.run()
+    assert handler2.cached_steps == 2 and handler2.live_steps == 0
+    for a, b in zip(live, cached):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+
+
+def test_float16_cache_is_close_to_live(tmp_path):
+    items = _items(4)
+    teacher, student, projector, handler = _setup()
+    cache = TeacherCache.build(teacher, student, items, lambda d: d, ["enc", "bn", "dec"], tmp_path / "c",
+                               (SIZE, SIZE), dtype="float16")  # fmt: skip
+    row = cache.lookup(items[1])
+    assert row["teacher_bn"].shape == (128, 8, 8)  # teacher bn (128 ch, 2x2) stored at the student bn size (8x8)
+    from mkd.networks import FeatureRecorder
+    from mkd.networks.projector import match_spatial
+
+    teacher.reconstruct = False
+    with FeatureRecorder(teacher, ["bn"]) as rec, torch.no_grad():
+        with rec.recording():
+            teacher(items[1]["image"][None])
+        live = match_spatial(rec.features["bn"], (8, 8))[0]
+    assert not torch.equal(row["teacher_bn"], live)  # stored in half precision...
+    torch.testing.assert_close(row["teacher_bn"], live, rtol=1e-3, atol=1e-3)  # ...to half-precision rounding
+
+
+def test_unknown_scale_lists_the_valid_ones():
+    teacher = build("t1", preset="tiny")
+    student = build("s1")
+    with pytest.raises(ValueError, match=r"unknown feature scale 'bottleneck2'.*'enc', 'bn', 'dec'"):
+        DistillationHandler(teacher, student, torch.nn.Module(), {"seg": 1.0, "bottleneck2": 0.2})
+
+
+def test_weights_for_unselected_terms_are_rejected():
+    with pytest.raises(ValueError, match=r"weight for 'dec' given, but 'dec' is not a selected scale"):
+        distillation_weights(["bn"], {"dec": 0.3})
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.pt: teacher checkpoint not found"):
+        load_teacher(tmp_path / "nope.pt")
+
+
+def test_teacher_student_input_size_mismatch_is_a_clear_error(tmp_path):
+    teacher = build("t1", preset="tiny")
+    path = save_checkpoint(tmp_path / "t.pt", teacher, run={"image_size": [96, 96]})
+    with pytest.raises(InputError, match=r"teacher was trained on 96x96 slices but this run feeds 128x128"):
+        load_teacher(path, image_size=[128, 128])
+    loaded = load_teacher(path, image_size=[96, 96])
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
