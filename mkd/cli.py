@@ -1,0 +1,586 @@
+"""The ``mkd`` command line: a thin layer over the package and its MONAI bundles.
+
+Heavy imports (torch, MONAI) happen inside each command so that ``mkd --help``
+stays fast. Errors the user can fix (:class:`mkd.errors.MkdError`) become one
+``Error: ...`` line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from mkd import __version__
+from mkd.errors import MkdError
+
+__all__ = ["main", "cli"]
+
+
+def _user_errors(func):
+    """Turn MkdError (and ValueError raised by our own validation) into click errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MkdError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def seed_option(func):
+    return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mkd")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Multi-task, multi-scale contrastive knowledge distillation for medical image segmentation."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- prepare (mkd.data) -------------------------------------------------------
+
+
+def _prepare_floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise click.BadParameter(f"expected {n} comma-separated numbers, got {text!r}", param_hint=name)
+    return values
+
+
+@cli.command("prepare")
+@click.option(
+    "--decathlon", metavar="TASK", help="Decathlon task name, e.g. Task09_Spleen: read ROOT/TASK/ or ROOT/TASK.tar."
+)
+@click.option(
+    "--phantom",
+    is_flag=True,
+    help="Write the built-in synthetic Task09-shaped dataset to ROOT and use it (the default).",
+)
+@click.option(
+    "--source",
+    type=click.Path(path_type=str),
+    metavar="DIR_OR_TAR",
+    help="A Decathlon-layout folder or .tar given directly.",
+)
+@click.option("--root", type=click.Path(file_okay=False, path_type=str), default=".", show_default=True,
+              help="Where the task folder / .tar lives, or gets downloaded, extracted or written.")  # fmt: skip
+@click.option(
+    "--out", type=click.Path(path_type=str), default="mkd_data", show_default=True, help="Output DATA folder."
+)
+@click.option(
+    "--download", is_flag=True, help="Download the published archive (MONAI's download) when it is not in ROOT."
+)
+@click.option(
+    "--size", type=click.IntRange(8, 4096), default=256, show_default=True, help="In-plane size of the slices."
+)
+@click.option("--channels", type=click.Choice(["replicate", "2.5d"]), default="replicate", show_default=True,
+              help="3 channels: the slice copied 3 times, or slices z-1, z, z+1.")  # fmt: skip
+@click.option(
+    "--window", default="-57,164", show_default=True, help="HU window LOW,HIGH -> [0, 1], or 'max' (per-volume x/max)."
+)
+@click.option("--spacing", metavar="X,Y,Z", help="Resample to this voxel size in mm first (0 keeps an axis).")
+@click.option("--keep", type=click.Choice(["all", "organ"]), default="all", show_default=True,
+              help="Training slices to keep: all, or only those within --margin of the organ.")  # fmt: skip
+@click.option(
+    "--margin",
+    type=click.IntRange(0),
+    default=5,
+    show_default=True,
+    help="Slices kept around the organ with --keep organ.",
+)
+@click.option("--label-value", type=int, help="Segment this value of a multi-label mask (label == N).")
+@click.option("--student-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Share of the training patients in the student's list.")  # fmt: skip
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the labelled patients for validation.")  # fmt: skip
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the labelled patients for test.")  # fmt: skip
+@click.option("--split-file", type=click.Path(dir_okay=False, path_type=str),
+              help='JSON {"training": [...], "validation": [...], "test": [...], "student": [...]}.')  # fmt: skip
+@click.option("--cases", type=click.IntRange(3), default=None, help="Phantom: labelled volumes  [default: 24]")
+@click.option("--shape", metavar="X,Y,Z", default=None, help="Phantom: voxel grid  [default: 128,128,40]")
+@seed_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@_user_errors
+def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels, window, spacing, keep, margin,
+                label_value, student_fraction, val_fraction, test_fraction, split_file, cases, shape, seed,
+                overwrite) -> None:  # fmt: skip
+    """Cut 3D CT volumes into patient-split 2D slices for training (see docs/prepare.md).
+
+    \b
+    Examples:
+      mkd prepare --phantom --root sources --out mkd_data --size 96
+      mkd prepare --decathlon Task09_Spleen --root ~/msd --out spleen256
+      mkd prepare --source my_ct/ --label-value 1 --window -150,250 --out my_data
+    """
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    if sum(bool(v) for v in (decathlon, phantom, source)) > 1:
+        raise click.UsageError("give only one of --decathlon, --phantom, --source")
+    if (cases is not None or shape is not None) and (decathlon or source):
+        raise click.UsageError("--cases and --shape apply to --phantom only")
+    shape_t = _prepare_floats(shape, 3, "--shape")
+    spacing_t = _prepare_floats(spacing, 3, "--spacing")
+    if window.strip().lower() != "max":
+        lo_hi = _prepare_floats(window, 2, "--window")
+        if not lo_hi[0] < lo_hi[1]:
+            raise click.BadParameter(f"LOW must be below HIGH, got {window!r}", param_hint="--window")
+        window_v = lo_hi
+    else:
+        window_v = "max"
+    if Path(out).exists() and not overwrite:
+        raise MkdError(f"{out}: output already exists; pass --overwrite to replace it")
+
+    from mkd.data import locate_task, prepare_dataset, write_phantom
+    from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE
+
+    source_info: dict = {}
+    if decathlon or source:
+        task_dir = locate_task(decathlon=decathlon, source=source, root=root, download=download)
+        source_info["source"] = "decathlon" if decathlon else "source"
+    else:
+        if not phantom:
+            click.echo("no --decathlon/--source given: using the built-in phantom", err=True)
+        n_cases = PHANTOM_CASES if cases is None else cases
+        grid = PHANTOM_SHAPE if shape_t is None else tuple(int(s) for s in shape_t)
+        with tqdm(total=None, desc="phantom", unit="vol", leave=False, disable=None) as bar:
+
+            def tick(done, total):
+                bar.total = total
+                bar.update(1)
+
+            task_dir = write_phantom(root, cases=n_cases, shape=grid, seed=seed, progress=tick)
+        source_info.update(source="phantom", phantom={"cases": n_cases, "shape": list(grid), "seed": seed})
+
+    with tqdm(total=None, desc="prepare", unit="vol", disable=None) as bar:
+
+        def step(pid, done, total):
+            bar.total = total
+            bar.set_postfix_str(pid)
+            bar.update(1)
+
+        summary = prepare_dataset(
+            task_dir, out, size=size, channels=channels, window=window_v, spacing=spacing_t, keep=keep,
+            margin=margin, label_value=label_value, student_fraction=student_fraction,
+            val_fraction=val_fraction, test_fraction=test_fraction, split_file=split_file, seed=seed,
+            overwrite=overwrite, progress=step, source_info=source_info,
+        )  # fmt: skip
+    for line in summary.lines():
+        click.echo(line)
+
+
+# --- networks (mkd.networks) --------------------------------------------------
+
+_NETWORK_NAMES = ("unet", "t1", "t2", "s1", "s2")
+_NETWORK_PRESETS = ("thesis", "medium", "small", "tiny")
+
+
+def _shape_str(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return "-"
+    channels, *spatial = shape
+    return f"{channels} x {'x'.join(str(s) for s in spatial)}"
+
+
+@cli.command("networks")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True, help="Input side length.")
+@click.option(
+    "--spatial-dims", type=click.Choice(["2", "3"]), default="2", show_default=True, help="2D or 3D networks."
+)
+@click.option(
+    "--preset",
+    type=click.Choice(_NETWORK_PRESETS),
+    default="thesis",
+    show_default=True,
+    help="Width preset: thesis widths, or CPU-sized teachers (medium, small) and tiny test nets.",
+)
+@click.option(
+    "--name", "names", multiple=True, type=click.Choice(_NETWORK_NAMES), help="Only this network (repeatable)."
+)
+@click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--out-channels", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--features", default=None, help="Comma-separated widths overriding the preset, e.g. 16,32,64,128,256.")
+@_user_errors
+def networks_cmd(
+    size: int,
+    spatial_dims: str,
+    preset: str,
+    names: tuple[str, ...],
+    in_channels: int,
+    out_channels: int,
+    features: str | None,
+) -> None:
+    """Table of the networks: parameters and per-scale feature shapes (C x spatial) at --size.
+
+    Computed on PyTorch's meta device: instant, no memory, even for the 175 M-parameter t2.
+    """
+    from mkd.networks import describe
+
+    overrides: dict = {"spatial_dims": int(spatial_dims), "in_channels": in_channels, "out_channels": out_channels}
+    if features:
+        try:
+            overrides["features"] = tuple(int(f) for f in features.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"{features!r} is not a comma-separated list of integers", param_hint="--features"
+            ) from None
+    rows = []
+    for name in names or _NETWORK_NAMES:
+        try:
+            info = describe(name, preset, size, **overrides)
+        except ValueError as err:
+            raise click.ClickException(f"{name}: {err}") from None
+        rows.append(
+            [
+                name,
+                f"{info.params / 1e6:.3f} M",
+                _shape_str(info.output_shape),
+                *(_shape_str(info.features.get(s)) for s in ("enc", "bn", "dec", "recon")),
+            ]
+        )
+    header = ["network", "params", "output", "enc", "bn", "dec", "recon"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    dims = "x".join([str(size)] * int(spatial_dims))
+    click.echo(f"preset {preset}, input {in_channels} x {dims}; feature shapes are channels x spatial")
+    for r in [header, ["-" * w for w in widths], *rows]:
+        click.echo("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+# --- teacher / student / distill (bundles) ------------------------------------
+
+
+def training_options(func):
+    """Options shared by the commands that run a training bundle."""
+    options = [
+        click.option(
+            "--data",
+            "data_dir",
+            type=click.Path(file_okay=False),
+            default="mkd_data",
+            show_default=True,
+            help="Prepared dataset (output of `mkd prepare`).",
+        ),
+        click.option(
+            "--output",
+            "output_dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Run folder (checkpoints, logs, metrics.csv, config.json). Default: runs/<command>-<arch>.",
+        ),
+        click.option(
+            "--profile",
+            type=click.Choice(["cpu", "thesis"]),
+            default="cpu",
+            show_default=True,
+            help="cpu: small input size and epochs, minutes on a laptop; thesis: the thesis protocol (GPU).",
+        ),
+        click.option("--epochs", type=int, default=None, help="Override the profile's number of epochs."),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override any bundle key, e.g. --set train#dataloader#num_workers=2 (repeatable).",
+        ),
+        click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing run in --output."),
+        click.option(
+            "--nproc",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Processes for distributed data parallel training (torchrun; gloo on CPU, nccl on GPU).",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        seed_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_training(
+    bundle: str,
+    arch: str,
+    data_dir,
+    output_dir,
+    profile,
+    epochs,
+    sets,
+    resume,
+    overwrite,
+    nproc,
+    device,
+    seed,
+    overrides: dict,
+) -> dict:
+    import shutil
+    from pathlib import Path
+
+    from mkd.bundle import parse_overrides, run_bundle
+
+    output = Path(output_dir or f"runs/{bundle}-{arch}")
+    if overwrite and resume:
+        raise click.UsageError("--overwrite and --resume exclude each other")
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    overrides = {"arch": arch, **overrides}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    overrides.update(parse_overrides(sets))
+    click.echo(f"mkd {bundle}: arch={arch} profile={profile} data={data_dir} output={output}")
+    if resume:
+        from mkd.bundle import last_checkpoint
+
+        ckpt = last_checkpoint(output / "models")
+        if ckpt is not None:
+            done = int(Path(ckpt).stem.split("=")[1])
+            total = overrides.get("epochs", "?")
+            click.echo(f"resuming from {ckpt} (epoch {done} of {total})")
+    summary = run_bundle(
+        bundle,
+        output_dir=output,
+        dataset_dir=data_dir,
+        profile=profile,
+        overrides=overrides,
+        resume=resume,
+        nproc=nproc,
+        seed=seed,
+        device=device,
+    )
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    keys = [k for k in summary if k.startswith("best_val_")]
+    if keys:
+        metrics = ", ".join(f"{k[len('best_') :]}={summary[k]:.4f}" for k in keys)
+        click.echo(f"best epoch {summary.get('best_epoch')}/{summary.get('epochs')}: {metrics}")
+    click.echo(f"checkpoint: {summary['checkpoint']}  ({summary.get('seconds', 0):.0f} s)")
+
+
+_OPTIMIZERS = {
+    "rmsprop": "torch.optim.RMSprop",
+    "adamw": "torch.optim.AdamW",
+    "adam": "torch.optim.Adam",
+    "sgd": "torch.optim.SGD",
+}
+
+
+@cli.command()
+@click.option(
+    "--arch",
+    type=click.Choice(["t1", "t2", "unet"]),
+    default="t1",
+    show_default=True,
+    help="t1 multi-task U-Net, t2 multi-task TransUNet, unet single-task baseline.",
+)
+@click.option("--lambda-rec", type=float, default=None, help="Weight of the reconstruction loss (default 0.2).")
+@training_options
+@_user_errors
+def teacher(arch, lambda_rec, **kwargs):
+    """Train a teacher on all training patients (teacher bundle)."""
+    overrides: dict = {}
+    if lambda_rec is not None:
+        overrides["lambda_rec"] = lambda_rec
+    _run_training("teacher", arch, overrides=overrides, **kwargs)
+
+
+@cli.command()
+@click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True, help="Student network.")
+@click.option(
+    "--data-fraction",
+    type=click.Choice(["0.5", "1.0"]),
+    default="0.5",
+    show_default=True,
+    help="0.5: the student subset (half the training patients); 1.0: all training patients.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(sorted(_OPTIMIZERS)),
+    default="rmsprop",
+    show_default=True,
+    help="Keep it equal to the distillation runs' optimiser for a fair baseline.",
+)
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2, as the thesis's students).")
+@training_options
+@_user_errors
+def student(arch, data_fraction, optimizer, lr, **kwargs):
+    """Train the student baseline (student bundle): Dice loss, student subset, no teacher."""
+    overrides: dict = {
+        "train_split": "student" if data_fraction == "0.5" else "training",
+        "optimizer#_target_": _OPTIMIZERS[optimizer],
+    }
+    if lr is not None:
+        overrides["learning_rate"] = lr
+    _run_training("student", arch, overrides=overrides, **kwargs)
+
+
+def _parse_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise click.BadParameter(
+                f"{part!r}: expected TERM=NUMBER, e.g. bn=0.2,enc=0.1,pmd=0.2", param_hint="--weights"
+            )
+    return out
+
+
+@cli.command()
+@click.option(
+    "--teacher",
+    "teacher_ckpt",
+    type=click.Path(dir_okay=False),
+    default="runs/teacher-t1/models/model.pt",
+    show_default=True,
+    help="Teacher checkpoint (from `mkd teacher`).",
+)
+@click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True, help="Student network.")
+@click.option(
+    "--scales",
+    default="bn",
+    show_default=True,
+    help="Comma-separated feature scales to distil: any of enc, bn, dec (or 'none' for PMD only).",
+)
+@click.option(
+    "--loss",
+    "feature_loss",
+    type=click.Choice(["contrastive", "mse"]),
+    default="contrastive",
+    show_default=True,
+    help="Feature loss: InfoNCE or plain feature regression (FitNets).",
+)
+@click.option("--pmd/--no-pmd", default=False, show_default=True, help="Add prediction-map distillation (soft KD).")
+@click.option(
+    "--weights",
+    default=None,
+    metavar="TERM=W,...",
+    help="Override weights of seg, pmd and the scales; default the thesis's T1->S1: "
+    "seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2.",
+)
+@click.option("--tau", type=float, default=0.4, show_default=True, help="InfoNCE temperature.")
+@click.option(
+    "--mode",
+    type=click.Choice(["image", "pixel", "supervised"]),
+    default="image",
+    show_default=True,
+    help="InfoNCE variant: image-level in-batch (thesis), pixel-level, or supervised (same class).",
+)
+@click.option(
+    "--projector",
+    type=click.Choice(["linear", "mlp"]),
+    default="linear",
+    show_default=True,
+    help="Projector heads: 1x1 conv, or conv-ReLU-conv.",
+)
+@click.option(
+    "--data-fraction",
+    type=click.Choice(["0.5", "1.0"]),
+    default="0.5",
+    show_default=True,
+    help="0.5: the student subset; 1.0: all training patients.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(sorted(_OPTIMIZERS)),
+    default="rmsprop",
+    show_default=True,
+    help="Keep it equal to the baseline student's.",
+)
+@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2).")
+@click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help="Compute the teacher's outputs once and reuse them every epoch.",
+)
+@training_options
+@_user_errors
+def distill(
+    teacher_ckpt,
+    arch,
+    scales,
+    feature_loss,
+    pmd,
+    weights,
+    tau,
+    mode,
+    projector,
+    data_fraction,
+    optimizer,
+    lr,
+    cache,
+    **kwargs,
+):
+    """Distil a frozen teacher into a student (distill bundle).
+
+    Example: mkd distill --teacher runs/teacher-t1/models/model.pt --scales enc,bn --pmd
+    """
+    from pathlib import Path
+
+    from mkd.handlers import distillation_weights
+
+    scale_list = [] if scales.strip().lower() == "none" else [s.strip() for s in scales.split(",") if s.strip()]
+    if not scale_list and not pmd:
+        raise click.BadParameter("nothing to distil: give at least one scale or --pmd", param_hint="--scales")
+    weight_overrides = _parse_weights(weights)
+    try:
+        distillation_weights(scale_list, weight_overrides, pmd=pmd)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--weights") from None
+    if not Path(teacher_ckpt).is_file():
+        raise MkdError(f"{teacher_ckpt}: teacher checkpoint not found; train one with `mkd teacher` or pass --teacher")
+    overrides: dict = {
+        "teacher_ckpt": str(Path(teacher_ckpt).resolve()),
+        "scales": scale_list,
+        "weight_overrides": weight_overrides,
+        "pmd": pmd,
+        "feature_loss": feature_loss,
+        "temperature": tau,
+        "contrastive_mode": mode,
+        "projector_kind": projector,
+        "use_cache": cache,
+        "train_split": "student" if data_fraction == "0.5" else "training",
+        "optimizer#_target_": _OPTIMIZERS[optimizer],
+    }
+    if lr is not None:
+        overrides["learning_rate"] = lr
+    if kwargs.get("output_dir") is None:
+        tag = "+".join(scale_list) or "none"
+        kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if pmd else ''}"
+    _run_training("distill", arch, overrides=overrides, **kwargs)
+
+
+# --- evaluate / infer / export / ablate / report / demo -----------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``mkd`` console script."""
+    cli.main(args=argv, prog_name="mkd", standalone_mode=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
