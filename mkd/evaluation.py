@@ -1,0 +1,150 @@
+"""Evaluate a checkpoint on the test patients: pooled, per-slice and per-volume metrics, PSNR.
+
+This is what ``mkd evaluate`` runs. The model sees the slices exactly as in
+training (the bundles' preprocessing: stored slice -> resize to the
+checkpoint's ``image_size``); predictions are ``sigmoid > 0.5``. Per-volume
+metrics restack each patient's slices by their axial index ``z`` (the MSD
+convention) and HD95 is in millimetres, using the voxel size of the prepared
+volume after the in-plane resize.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["EvaluationResult", "evaluate_checkpoint", "slice_transform"]
+
+logger = logging.getLogger(__name__)
+
+
+def slice_transform(image_size: Sequence[int]):
+    """The bundles' deterministic slice preprocessing: load a stored slice, resize, to tensor."""
+    from monai.transforms import Compose, EnsureTyped, Resized
+
+    from mkd.data import LoadSliced
+
+    return Compose(
+        [
+            LoadSliced(keys=("image", "label")),
+            Resized(keys=("image", "label"), spatial_size=list(image_size), mode=("area", "nearest")),
+            EnsureTyped(keys=("image", "label"), track_meta=False),
+        ]
+    )
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one checkpoint on one split; :meth:`write` saves them.
+
+    Attributes:
+        segmentation: the :class:`mkd.metrics.SegmentationResult` (pooled, per slice, per volume).
+        summary: ``segmentation.summary`` plus the checkpoint, network, split, image size,
+            PSNR of the reconstruction (multi-task teachers) and wall time.
+    """
+
+    segmentation: Any
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """Write ``summary.json``, ``per_volume.csv`` and ``per_slice.csv`` into ``directory``."""
+        from mkd.utils import write_json
+
+        paths = self.segmentation.write(directory)
+        write_json(paths["summary"], self.summary)
+        return paths
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    image_size: Sequence[int] | None = None,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Run a checkpoint over every slice of ``split`` and compute the metrics.
+
+    Args:
+        checkpoint: a ``models/model.pt`` of a teacher, student or distilled student.
+        data_dir: the prepared dataset.
+        split: datalist key; ``test`` (default) or ``validation``.
+        batch_size: slices per forward pass.
+        device: ``None`` for CUDA when present, else CPU.
+        image_size: model input size; default the checkpoint's training ``image_size``.
+        progress: show a tqdm bar.
+
+    Raises:
+        InputError: unreadable checkpoint, missing dataset or empty split.
+    """
+    from monai.data import DataLoader, Dataset
+
+    from mkd.bundle import check_datalist
+    from mkd.data import load_prepare_info, load_split
+    from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
+    from mkd.networks import FeatureRecorder, load_network
+    from mkd.utils import resolve_device
+
+    t0 = time.perf_counter()
+    device = resolve_device(device)
+    check_datalist(data_dir, [split])
+    model, ckpt = load_network(checkpoint, map_location="cpu")
+    model.to(device).eval()
+    run = ckpt.get("run") or {}
+    info = load_prepare_info(data_dir)
+    stored = int(info["settings"]["size"])
+    size = [int(s) for s in (image_size or run.get("image_size") or (stored, stored))]
+    items = load_split(data_dir, split)
+
+    # voxel size of a restacked (z, rows, cols) prediction: rows = RAS x, cols = RAS y
+    spacing = {}
+    for pid, vol in info["volumes"].items():
+        sx, sy, sz = vol["spacing"]
+        nx, ny = vol["shape"][:2]
+        spacing[pid] = (float(sz), *spacing_after_resize((sx, sy), (nx, ny), size))
+
+    reconstruct = "recon" in getattr(model, "feature_scales", {})
+    recorder = FeatureRecorder(model, ["recon"], detach=True) if reconstruct else None
+    seg = SegmentationAccumulator(spacing=spacing)
+    psnr = PSNRAccumulator(data_range=1.0) if reconstruct else None
+    loader = DataLoader(Dataset(items, transform=slice_transform(size)), batch_size=batch_size, shuffle=False)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=f"evaluate {split}", leave=False)
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(device)
+            if recorder is not None:
+                with recorder.recording():
+                    logits = model(images)
+                psnr.update(recorder.features["recon"].float().clamp(0, 1), images)
+            else:
+                logits = model(images)
+            prob = torch.sigmoid(logits.float()).cpu()
+            seg.update(prob, batch["label"], list(batch["patient"]), [int(z) for z in batch["z"]])
+    if recorder is not None:
+        recorder.close()
+    result = seg.compute()
+    summary = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "network": ckpt.get("network"),
+        "run": run,
+        "data": str(Path(data_dir).resolve()),
+        "split": split,
+        "image_size": size,
+        "slices": len(items),
+        **result.summary,
+    }
+    if psnr is not None:
+        summary["psnr"] = psnr.compute()
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return EvaluationResult(result, summary)
