@@ -236,3 +236,12 @@ def test_distill_with_missing_teacher_is_a_clear_error(tiny_prepared, tmp_path):
     overrides = {**TINY_STUDENT, "teacher_ckpt": str(tmp_path / "none.pt")}
     with pytest.raises(InputError, match=r"none\.pt: teacher checkpoint not found"):
         run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
+
+
+@pytest.mark.slow
+def test_single_task_unet_teacher_trains_without_reconstruction(tiny_prepared, tmp_path):
+    out = tmp_path / "unet"
+    run_bundle("teacher", out, tiny_prepared, overrides={**TINY_TEACHER, "arch": "unet", "epochs": 1})
+    df = pd.read_csv(out / "metrics.csv")
+    assert "train_recon" not in df.columns and "val_psnr" not in df.columns
+    assert torch.load(out / "models" / "model.pt", weights_only=True)["network"]["name"] == "unet"
