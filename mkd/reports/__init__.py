@@ -1,8 +1,9 @@
-"""mkd.reports: thesis-style tables, paired statistics and figures."""
+"""mkd.reports: thesis-style tables, paired statistics, figures, and the report of a runs folder."""
 
 from __future__ import annotations
 
 from mkd.reports.figures import plot_ablation, plot_qualitative, plot_reconstructions, plot_training_curves
+from mkd.reports.report import VOLUME_METRICS, ReportResult, build_report, collect_runs, collect_volumes
 from mkd.reports.stats import WILCOXON_MIN_PAIRS, bootstrap_ci, holm, paired_test
 from mkd.reports.tables import (
     DEFAULT_METRICS,
@@ -15,6 +16,11 @@ from mkd.reports.tables import (
 
 __all__ = [
     "DEFAULT_METRICS",
+    "VOLUME_METRICS",
+    "ReportResult",
+    "build_report",
+    "collect_runs",
+    "collect_volumes",
     "WILCOXON_MIN_PAIRS",
     "bootstrap_ci",
     "format_table",

@@ -1,0 +1,785 @@
+"""Ablation grids: expand a YAML grid into teacher, student-baseline and distillation runs, and run them.
+
+This is what ``mkd ablate`` runs. A grid (see ``docs/ablate.md``) names teachers,
+students, data fractions, seeds and blocks of distillation configurations; every
+list-valued setting of a block is expanded as a cartesian product. Each run gets a
+deterministic, readable id and its own folder ``RUNS/<id>`` (the *runs folder*
+contract of ``docs/architecture.md``)::
+
+    RUNS/<id>/run.json                what the run is (kind, method label, arch, teacher, baseline, ...)
+    RUNS/<id>/config.json, metrics.csv, summary.json, models/model.pt, logs/   (mkd.bundle.run_bundle)
+    RUNS/<id>/eval/test/summary.json, per_volume.csv, per_slice.csv           (mkd.evaluation)
+
+A run is *done* when ``eval/test/summary.json`` exists; done runs are skipped, so
+running a grid twice does nothing new. Teachers come first, then the student
+baselines, then the distillation runs, each of which needs its teacher done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mkd.errors import InputError, MkdError
+
+__all__ = [
+    "KINDS",
+    "RunSpec",
+    "Grid",
+    "AblationResult",
+    "load_grid",
+    "expand_grid",
+    "is_done",
+    "run_status",
+    "execute_run",
+    "run_ablation",
+    "run_command",
+    "format_commands",
+]
+
+logger = logging.getLogger(__name__)
+
+#: kinds of runs, in the order they are run (a distillation run needs its teacher).
+KINDS = ("teacher", "student", "distill")
+#: scale order in ids and labels: the thesis writes B -> B + E -> E + D -> D.
+SCALE_ORDER = ("bn", "enc", "dec")
+SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
+LOSSES = ("contrastive", "mse")
+MODES = ("image", "pixel", "supervised")
+#: data fraction -> datalist split: 0.5 is the prepared ``student`` list (its share is
+#: ``mkd prepare --student-fraction``), 1.0 all training patients.
+FRACTIONS = {0.5: "student", 1.0: "training"}
+PROFILES = ("cpu", "thesis")
+
+_TOP_KEYS = {
+    "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
+    "baselines", "distill",
+}  # fmt: skip
+_BLOCK_KEYS = {"table", "teacher", "student", "scales", "loss", "pmd", "mode", "data_fraction", "weights",
+               "settings", "tag"}  # fmt: skip
+_SETTINGS_KEYS = {"all", "teacher", "student", "distill"}
+#: bundle keys set by the grid itself; settings may not override them.
+_RESERVED = {
+    "arch", "train_split", "teacher_ckpt", "scales", "pmd", "feature_loss", "contrastive_mode",
+    "weight_overrides", "seed", "output_dir", "dataset_dir", "bundle_root", "resume",
+}  # fmt: skip
+#: run.json fields that must agree between a finished run and the grid that asks for it.
+_IDENTITY = ("kind", "arch", "teacher", "scales", "loss", "pmd", "mode", "data_fraction", "seed", "profile",
+             "weights", "settings")  # fmt: skip
+
+
+@dataclass
+class RunSpec:
+    """One run of a grid: a teacher, a student baseline or a distillation run.
+
+    Attributes:
+        id: folder name in the runs folder, e.g. ``distill-s1-t1-bn+pmd-contrastive-f0.5-seed0``.
+        kind: ``teacher``, ``student`` or ``distill`` (the bundle that trains it).
+        method: row label of the report tables, e.g. ``KD(T1,S1) B+PMD``; the same for every seed.
+        arch: network (``t1``, ``t2``, ``unet``, ``s1``, ``s2``).
+        seed: training seed.
+        profile: ``cpu`` or ``thesis``.
+        teacher: run id of the teacher (distillation runs).
+        teacher_arch: the teacher's network.
+        scales: distilled feature scales, in the order ``bn, enc, dec``.
+        loss: feature loss (``contrastive`` or ``mse``).
+        pmd: prediction-map distillation on.
+        mode: InfoNCE variant (``image``, ``pixel``, ``supervised``).
+        data_fraction: 0.5 (the prepared ``student`` list) or 1.0 (all training patients).
+        baseline: run id of the matching student baseline (same arch, fraction, seed, profile).
+        weights: loss weight overrides (``{term: weight}``) of a distillation run.
+        settings: further bundle overrides (``--set``) of this run.
+        groups: the grid blocks (thesis tables) that list this run.
+    """
+
+    id: str
+    kind: str
+    method: str
+    arch: str
+    seed: int
+    profile: str
+    teacher: str | None = None
+    teacher_arch: str | None = None
+    scales: tuple[str, ...] = ()
+    loss: str | None = None
+    pmd: bool = False
+    mode: str | None = None
+    data_fraction: float | None = None
+    baseline: str | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+
+    @property
+    def depends_on(self) -> str | None:
+        """The run that must be done first (the teacher of a distillation run)."""
+        return self.teacher if self.kind == "distill" else None
+
+    def run_json(self) -> dict[str, Any]:
+        """The ``run.json`` of this run (the runs-folder contract)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "method": self.method,
+            "arch": self.arch,
+            "teacher": self.teacher,
+            "teacher_arch": self.teacher_arch,
+            "scales": list(self.scales),
+            "loss": self.loss,
+            "pmd": self.pmd,
+            "mode": self.mode,
+            "data_fraction": self.data_fraction,
+            "seed": self.seed,
+            "profile": self.profile,
+            "baseline": self.baseline,
+            "weights": dict(self.weights),
+            "settings": dict(self.settings),
+            "groups": list(self.groups),
+        }
+
+    def bundle_overrides(self, runs_dir: str | os.PathLike) -> dict[str, Any]:
+        """The ``{bundle key: value}`` overrides that :func:`mkd.bundle.run_bundle` gets for this run."""
+        out = dict(self.settings)
+        out["arch"] = self.arch
+        if self.kind in ("student", "distill"):
+            out["train_split"] = FRACTIONS[float(self.data_fraction)]
+        if self.kind == "distill":
+            teacher_ckpt = Path(runs_dir).resolve() / str(self.teacher) / "models" / "model.pt"
+            out.update(
+                teacher_ckpt=str(teacher_ckpt),
+                scales=list(self.scales),
+                pmd=self.pmd,
+                feature_loss=self.loss,
+                contrastive_mode=self.mode,
+                weight_overrides=dict(self.weights),
+            )
+        return out
+
+
+@dataclass
+class Grid:
+    """An expanded grid: its runs in dependency order (teachers, student baselines, distillation)."""
+
+    runs: list[RunSpec]
+    profile: str = "cpu"
+    seeds: list[int] = field(default_factory=list)
+    data: str | None = None
+    path: Path | None = None
+    seed_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self._by_id = {r.id: r for r in self.runs}
+
+    def __getitem__(self, run_id: str) -> RunSpec:
+        try:
+            return self._by_id[run_id]
+        except KeyError:
+            raise MkdError(f"no run {run_id!r} in the grid; it has {len(self.runs)} runs, e.g. "
+                           f"{', '.join(r.id for r in self.runs[:3])}") from None  # fmt: skip
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self._by_id
+
+    def count(self) -> dict[str, int]:
+        """Number of runs per kind."""
+        return {k: sum(r.kind == k for r in self.runs) for k in KINDS}
+
+
+# --- grid file --------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_keys(where: str, mapping: Any, allowed: Iterable[str]) -> dict:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise MkdError(f"{where}: expected a mapping, got {type(mapping).__name__} {mapping!r}")
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise MkdError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+    return dict(mapping)
+
+
+def _fraction(value: Any, where: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = None
+    if f not in FRACTIONS:
+        raise MkdError(f"{where}: data fraction must be 0.5 (the prepared student list) or 1.0 (all training "
+                       f"patients), got {value!r}")  # fmt: skip
+    return f
+
+
+def _scale_set(value: Any, where: str) -> tuple[str, ...]:
+    """``"bn"``, ``"bn+enc"``, ``"none"`` or a list of names -> canonical tuple in the order bn, enc, dec."""
+    if isinstance(value, (list, tuple)):
+        names = [str(v).strip().lower() for v in value]
+    else:
+        text = str(value).strip().lower()
+        names = [] if text in ("none", "", "pmd") else [n.strip() for n in text.split("+")]
+    bad = [n for n in names if n not in SCALE_ORDER]
+    if bad:
+        raise MkdError(f"{where}: unknown scale(s) {bad} in {value!r}; scales are {', '.join(SCALE_ORDER)} "
+                       "joined with '+', e.g. bn+enc, or 'none' for PMD only")  # fmt: skip
+    return tuple(s for s in SCALE_ORDER if s in names)
+
+
+def _settings(value: Any, where: str) -> dict[str, Any]:
+    out = _check_keys(where, value, set(value or {}))
+    reserved = sorted(set(out) & _RESERVED)
+    if reserved:
+        raise MkdError(f"{where}: {', '.join(reserved)} set by the grid itself (teacher, students, scales, ...); "
+                       "remove them from settings")  # fmt: skip
+    return out
+
+
+def _named(value: Any, where: str, kind: str) -> dict[str, dict[str, Any]]:
+    """``[t1, t2]`` or ``{t1: {arch: t1, settings: {...}}}`` -> ``{key: {"arch", "settings"}}``."""
+    from mkd.networks import STUDENTS, TEACHERS
+
+    allowed = TEACHERS if kind == "teacher" else STUDENTS
+    if value is None:
+        return {}
+    items = {str(v): {} for v in value} if isinstance(value, (list, tuple)) else dict(_check_keys(where, value, value))
+    out = {}
+    for key, entry in items.items():
+        entry = _check_keys(f"{where}.{key}", entry or {}, {"arch", "settings"})
+        arch = str(entry.get("arch", key))
+        if arch not in allowed:
+            raise MkdError(f"{where}.{key}: arch {arch!r} is not a {kind}; {kind}s: {', '.join(allowed)}")
+        if not key.replace("_", "").isalnum():
+            raise MkdError(f"{where}: name {key!r} must be letters, digits and '_' (it goes into run ids)")
+        out[key] = {"arch": arch, "settings": _settings(entry.get("settings"), f"{where}.{key}.settings")}
+    return out
+
+
+def _label(key: str, arch: str) -> str:
+    return "U-Net" if key == "unet" else key.upper()
+
+
+def _tag(block: Mapping[str, Any]) -> str:
+    if block.get("tag"):
+        tag = str(block["tag"])
+        if not tag.replace("_", "").replace(".", "").isalnum():
+            raise MkdError(f"distill tag {tag!r} must be letters, digits, '.' and '_' (it goes into run ids)")
+        return tag
+    extra = {k: block[k] for k in ("weights", "settings") if block.get(k)}
+    if not extra:
+        return ""
+    return "x" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def load_grid(
+    path: str | os.PathLike,
+    profile: str | None = None,
+    seed_offset: int = 0,
+) -> Grid:
+    """Read a grid YAML file and expand it (see :func:`expand_grid` and ``docs/ablate.md``).
+
+    Raises:
+        InputError: missing or unparsable file.
+        MkdError: an invalid grid.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "grid file not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML ({err})") from None
+    try:
+        grid = expand_grid(config or {}, profile=profile, seed_offset=seed_offset)
+    except MkdError as err:
+        raise InputError(path, str(err)) from None
+    grid.path = path.resolve()
+    return grid
+
+
+def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offset: int = 0) -> Grid:
+    """Expand a grid mapping into its runs, in dependency order.
+
+    Teachers: one run per teacher, trained with ``teacher_seed`` (default 0) and shared by
+    every seed of the students; ``teacher_seed: each`` trains one teacher per seed instead.
+    Student baselines: one per (student, data fraction, seed), for the top-level
+    ``data_fractions`` and for every fraction a distillation run uses. Distillation: the
+    cartesian product of each block's list-valued settings and the seeds.
+
+    Args:
+        config: the parsed YAML (see ``docs/ablate.md``).
+        profile: override of the grid's ``profile``.
+        seed_offset: added to every seed (and to ``teacher_seed: each`` teachers), to run
+            further seeds of the same grid.
+
+    Raises:
+        MkdError: unknown keys, unknown networks or scales, duplicate ids with different settings.
+    """
+    config = _check_keys("grid", config, _TOP_KEYS)
+    profile = str(profile or config.get("profile", "cpu"))
+    if profile not in PROFILES:
+        raise MkdError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    seeds = [int(s) + int(seed_offset) for s in _as_list(config.get("seeds", [0]))]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise MkdError(f"seeds must be a non-empty list of distinct integers, got {config.get('seeds')!r}")
+    teacher_seed = config.get("teacher_seed", 0)
+    if teacher_seed != "each" and not isinstance(teacher_seed, int):
+        raise MkdError(f"teacher_seed must be an integer or 'each', got {teacher_seed!r}")
+    fractions = [_fraction(f, "data_fractions") for f in _as_list(config.get("data_fractions", [0.5]))]
+    settings = _check_keys("settings", config.get("settings"), _SETTINGS_KEYS)
+    common = {k: _settings(settings.get(k), f"settings.{k}") for k in _SETTINGS_KEYS}
+    teachers = _named(config.get("teachers"), "teachers", "teacher")
+    students = _named(config.get("students"), "students", "student")
+    blocks = config.get("distill") or []
+    if not isinstance(blocks, list):
+        raise MkdError(f"distill: expected a list of blocks, got {type(blocks).__name__}")
+    if blocks and not teachers:
+        raise MkdError("distill blocks need at least one entry under teachers")
+    if (blocks or config.get("baselines", True)) and not students:
+        raise MkdError("students: give at least one student (s1, s2)")
+
+    runs: dict[str, RunSpec] = {}
+
+    def add(spec: RunSpec) -> RunSpec:
+        old = runs.get(spec.id)
+        if old is None:
+            runs[spec.id] = spec
+            return spec
+        if {k: old.run_json()[k] for k in _IDENTITY} != {k: spec.run_json()[k] for k in _IDENTITY}:
+            raise MkdError(f"two grid entries give run id {spec.id!r} different settings; give one a 'tag'")
+        old.groups.extend(g for g in spec.groups if g not in old.groups)
+        return old
+
+    def teacher_run(key: str, seed: int) -> RunSpec:
+        t = teachers[key]
+        tseed = seed if teacher_seed == "each" else int(teacher_seed)
+        return add(RunSpec(
+            id=f"teacher-{key}-seed{tseed}", kind="teacher", method=_label(key, t["arch"]), arch=t["arch"],
+            seed=tseed, profile=profile, settings={**common["all"], **common["teacher"], **t["settings"]},
+        ))  # fmt: skip
+
+    def student_run(key: str, fraction: float, seed: int) -> RunSpec:
+        s = students[key]
+        label = _label(key, s["arch"]) + (" (100%)" if fraction == 1.0 else "")
+        return add(RunSpec(
+            id=f"student-{key}-f{fraction}-seed{seed}", kind="student", method=label, arch=s["arch"], seed=seed,
+            profile=profile, data_fraction=fraction,
+            settings={**common["all"], **common["student"], **s["settings"]},
+        ))  # fmt: skip
+
+    for key in teachers:
+        for seed in seeds if teacher_seed == "each" else [int(teacher_seed)]:
+            teacher_run(key, seed)
+    if config.get("baselines", True):
+        for key in students:
+            for fraction in fractions:
+                for seed in seeds:
+                    student_run(key, fraction, seed)
+
+    distill_runs: list[RunSpec] = []
+    for i, raw in enumerate(blocks):
+        where = f"distill[{i}]"
+        block = _check_keys(where, raw, _BLOCK_KEYS)
+        if "scales" not in block:
+            raise MkdError(f"{where}: 'scales' is required (e.g. scales: [bn, enc, bn+enc+dec])")
+        group = str(block.get("table", f"block {i + 1}"))
+        t_keys = [str(t) for t in _as_list(block.get("teacher", list(teachers)))]
+        s_keys = [str(s) for s in _as_list(block.get("student", list(students)))]
+        for k, known, what in ((t_keys, teachers, "teachers"), (s_keys, students, "students")):
+            bad = [x for x in k if x not in known]
+            if bad:
+                raise MkdError(f"{where}: {bad} not under {what} ({', '.join(known)})")
+        scale_sets = [_scale_set(v, where) for v in _as_list(block["scales"])]
+        loss_list = [str(v) for v in _as_list(block.get("loss", "contrastive"))]
+        mode_list = [str(v) for v in _as_list(block.get("mode", "image"))]
+        pmd_list = _as_list(block.get("pmd", False))
+        frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
+        for v, allowed, name in ((loss_list, LOSSES, "loss"), (mode_list, MODES, "mode")):
+            bad = [x for x in v if x not in allowed]
+            if bad:
+                raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")
+        if any(not isinstance(p, bool) for p in pmd_list):
+            raise MkdError(f"{where}: pmd must be true, false or [false, true], got {block.get('pmd')!r}")
+        weights = _check_keys(f"{where}.weights", block.get("weights"), set(block.get("weights") or {}))
+        extra = _settings(block.get("settings"), f"{where}.settings")
+        tag = _tag(block)
+        product = itertools.product(t_keys, s_keys, scale_sets, pmd_list, loss_list, mode_list, frac_list, seeds)
+        for tkey, skey, scales, pmd, loss, mode, fraction, seed in product:
+            if not scales and not pmd:
+                raise MkdError(f"{where}: nothing to distil with scales 'none' and pmd false")
+            try:
+                from mkd.handlers.distillation import distillation_weights
+
+                distillation_weights(scales, weights, pmd=pmd)
+            except ValueError as err:
+                raise MkdError(f"{where}.weights: {err}") from None
+            teacher = teacher_run(tkey, seed)
+            baseline = student_run(skey, fraction, seed)
+            scale_tag = "+".join(scales) + ("+pmd" if pmd and scales else "pmd" if pmd else "")
+            letters = "+".join(SCALE_LETTERS[s] for s in scales) + ("+PMD" if pmd and scales else "PMD" if pmd else "")
+            method = f"KD({_label(tkey, teacher.arch)},{_label(skey, baseline.arch)}) {letters}"
+            method += " MSE" if loss == "mse" else ""
+            method += f" {mode}" if mode != "image" else ""
+            method += " (100%)" if fraction == 1.0 else ""
+            method += f" [{tag}]" if tag else ""
+            run_id = f"distill-{skey}-{tkey}-{scale_tag}-{loss}" + (f"-{mode}" if mode != "image" else "")
+            run_id += f"-f{fraction}" + (f"-{tag}" if tag else "") + f"-seed{seed}"
+            s = students[skey]
+            spec = RunSpec(
+                id=run_id, kind="distill", method=method, arch=baseline.arch, seed=seed, profile=profile,
+                teacher=teacher.id, teacher_arch=teacher.arch, scales=scales, loss=loss, pmd=pmd, mode=mode,
+                data_fraction=fraction, baseline=baseline.id, weights={k: float(v) for k, v in weights.items()},
+                settings={**common["all"], **common["student"], **s["settings"], **common["distill"], **extra},
+                groups=[group],
+            )  # fmt: skip
+            spec = add(spec)
+            if spec not in distill_runs:
+                distill_runs.append(spec)
+            for dep in (teacher, baseline):
+                if group not in dep.groups:
+                    dep.groups.append(group)
+
+    ordered = [r for k in ("teacher", "student") for r in runs.values() if r.kind == k] + distill_runs
+    data = config.get("data")
+    return Grid(ordered, profile=profile, seeds=seeds, data=None if data is None else str(data),
+                seed_offset=int(seed_offset))  # fmt: skip
+
+
+# --- state of a runs folder -------------------------------------------------------------
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    """A run is done when its test evaluation (``eval/test/summary.json``) exists."""
+    return (Path(run_dir) / "eval" / "test" / "summary.json").is_file()
+
+
+def _trained(run_dir: Path) -> bool:
+    """Training finished: ``run_bundle`` writes ``summary.json`` after the last epoch."""
+    return (run_dir / "summary.json").is_file() and (run_dir / "models" / "model.pt").is_file()
+
+
+def _read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _identity_diff(old: Mapping[str, Any], spec: RunSpec) -> list[str]:
+    """run.json fields that decide what is trained and differ between ``old`` and ``spec``."""
+    new = spec.run_json()
+    return [k for k in _IDENTITY if json.dumps(old.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+
+
+def _check_identity(spec: RunSpec, run_dir: Path) -> None:
+    old = _read_run_json(run_dir)
+    if old is None:
+        return
+    new = spec.run_json()
+    diff = _identity_diff(old, spec)
+    if diff:
+        details = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} in the grid" for k in diff)
+        raise MkdError(f"{run_dir}: a finished run with other settings ({details}); use another --runs folder "
+                       "or delete that run folder")  # fmt: skip
+
+
+def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
+    """``{run id: "done" | "pending" | "waiting"}``; waiting = pending and its teacher is not done yet."""
+    runs_dir = Path(runs_dir)
+    out = {}
+    for r in grid.runs:
+        if is_done(runs_dir / r.id):
+            out[r.id] = "done"
+        elif r.depends_on and not is_done(runs_dir / r.depends_on):
+            out[r.id] = "waiting"
+        else:
+            out[r.id] = "pending"
+    return out
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def execute_run(
+    spec: RunSpec,
+    runs_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    device: str | None = None,
+    resume: bool = False,
+) -> str:
+    """Train and evaluate one run into ``RUNS/<id>``; returns ``"done"`` (already) or ``"ran"``.
+
+    A finished run (``eval/test/summary.json``) is left alone (after checking that its
+    ``run.json`` agrees with ``spec``). A run whose training finished but whose evaluation
+    is missing is only evaluated. Any other half-finished folder is deleted and the run
+    starts over, or, with ``resume``, continues from its last epoch checkpoint.
+
+    Raises:
+        MkdError: the teacher of a distillation run is not done, or a finished run differs from ``spec``.
+    """
+    from mkd.bundle import last_checkpoint, run_bundle
+    from mkd.evaluation import evaluate_checkpoint
+    from mkd.utils import atomic_dir, write_json
+
+    runs_dir = Path(runs_dir).resolve()
+    run_dir = runs_dir / spec.id
+    if is_done(run_dir):
+        _check_identity(spec, run_dir)
+        old = _read_run_json(run_dir)
+        if old is not None and old != spec.run_json():  # labels or groups changed: refresh them
+            write_json(run_dir / "run.json", spec.run_json())
+        return "done"
+    if spec.depends_on and not is_done(runs_dir / spec.depends_on):
+        raise MkdError(f"run {spec.id} needs teacher run {spec.depends_on}, which is not done; run it first "
+                       f"(mkd ablate ... --only {spec.depends_on})")  # fmt: skip
+    t0 = time.perf_counter()
+    train = True
+    resume_now = False
+    if run_dir.exists():
+        old = _read_run_json(run_dir)
+        same = old is not None and not _identity_diff(old, spec)
+        if same and _trained(run_dir):
+            train = False
+            logger.info("%s: training finished earlier; evaluating only", spec.id)
+        elif same and resume and last_checkpoint(run_dir / "models") is not None:
+            resume_now = True
+            logger.info("%s: resuming from %s", spec.id, last_checkpoint(run_dir / "models"))
+        else:
+            logger.info("%s: removing a half-finished run folder and starting over", spec.id)
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run.json", spec.run_json())
+    if train:
+        run_bundle(
+            spec.kind,
+            output_dir=run_dir,
+            dataset_dir=data_dir,
+            profile=spec.profile,
+            overrides=spec.bundle_overrides(runs_dir),
+            resume=resume_now,
+            seed=spec.seed,
+            device=device,
+        )
+        shutil.rmtree(run_dir / "teacher_cache", ignore_errors=True)  # a cache; can be large
+    result = evaluate_checkpoint(run_dir / "models" / "model.pt", data_dir, split="test", device=device)
+    with atomic_dir(run_dir / "eval" / "test", overwrite=True) as tmp:
+        result.write(tmp)
+    logger.info("%s: done in %.0f s", spec.id, time.perf_counter() - t0)
+    return "ran"
+
+
+def run_command(
+    grid: Grid,
+    run_id: str,
+    runs_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    device: str | None = None,
+    resume: bool = False,
+    program: Sequence[str] = ("mkd",),
+) -> list[str]:
+    """The self-contained command (argv) that runs one run of ``grid``: ``mkd ablate GRID --only ID ...``."""
+    if grid.path is None:
+        raise MkdError("a grid given as a mapping has no file for the per-run command; save it as YAML first")
+    cmd = [*program, "ablate", str(grid.path), "--runs", str(Path(runs_dir).resolve()),
+           "--data", str(Path(data_dir).resolve()), "--profile", grid.profile, "--only", run_id]  # fmt: skip
+    if grid.seed_offset:
+        cmd += ["--seed-offset", str(grid.seed_offset)]
+    if device not in (None, "auto"):
+        cmd += ["--device", str(device)]
+    if resume:
+        cmd += ["--resume"]
+    return cmd
+
+
+@dataclass
+class AblationResult:
+    """What :func:`run_ablation` did.
+
+    Attributes:
+        planned: every run id of the grid (or of ``only``), in dependency order.
+        done: runs that were finished before this call (skipped).
+        ran: runs trained and evaluated by this call.
+        failed: ``{run id: error message}``.
+        blocked: runs not started because their teacher failed.
+        pending: runs that were not done when the call started.
+    """
+
+    planned: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _select(grid: Grid, only: Sequence[str] = (), kinds: Sequence[str] | None = None) -> list[RunSpec]:
+    for run_id in only:
+        grid[run_id]  # raises for an unknown id
+    chosen = [r for r in grid.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
+    return chosen
+
+
+def run_ablation(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    jobs: int = 1,
+    only: Sequence[str] = (),
+    kinds: Sequence[str] | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> AblationResult:
+    """Run every pending run of ``grid`` (or of ``only`` / ``kinds``), skipping the done ones.
+
+    With ``jobs == 1`` the runs execute one after the other in this process. With
+    ``jobs > 1`` up to ``jobs`` worker processes each run one self-contained command
+    (:func:`run_command`); a distillation run starts once its teacher is done. Each worker's
+    output goes to ``RUNS/.logs/<id>.log`` and its torch threads are limited to
+    ``cpu_count // jobs`` unless ``OMP_NUM_THREADS`` is set. A failed run does not stop
+    the others; runs whose teacher failed are reported as blocked.
+
+    Args:
+        grid: the expanded grid.
+        runs_dir: the runs folder.
+        data_dir: the prepared dataset.
+        jobs: number of runs at once.
+        only: run ids to run (their teachers must be done).
+        kinds: restrict to these kinds (``teacher``, ``student``, ``distill``).
+        device: ``cpu``, ``cuda``, ... or ``None`` (automatic).
+        resume: continue half-trained runs from their last epoch instead of starting over.
+        progress: called with one line of text per event (start, done, failure).
+
+    Returns:
+        An :class:`AblationResult`.
+    """
+    say = progress or logger.info
+    if jobs < 1:
+        raise MkdError(f"--jobs must be >= 1, got {jobs}")
+    runs_dir = Path(runs_dir).resolve()
+    selected = _select(grid, only, kinds)
+    t0 = time.perf_counter()
+    result = AblationResult(planned=[r.id for r in selected])
+    pending: list[RunSpec] = []
+    for r in selected:
+        if is_done(runs_dir / r.id):
+            _check_identity(r, runs_dir / r.id)
+            result.done.append(r.id)
+        else:
+            pending.append(r)
+    result.pending = [r.id for r in pending]
+    if only:
+        for r in pending:
+            if r.depends_on and r.depends_on not in result.pending and not is_done(runs_dir / r.depends_on):
+                raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done; run it first "
+                               f"(--only {r.depends_on})")  # fmt: skip
+    elif kinds:
+        for r in pending:
+            if r.depends_on and not is_done(runs_dir / r.depends_on) and r.depends_on not in result.pending:
+                raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done and not selected "
+                               "(add --kind teacher)")  # fmt: skip
+    say(f"{len(selected)} runs: {len(result.done)} done, {len(pending)} pending")
+    if not pending:
+        result.seconds = round(time.perf_counter() - t0, 1)
+        return result
+    from mkd.bundle import check_datalist
+
+    check_datalist(data_dir, ["training", "validation", "test"])
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if jobs == 1:
+        _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, say)
+    else:
+        _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, result, say)
+    result.seconds = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _blocked(spec: RunSpec, result: AblationResult) -> bool:
+    return spec.depends_on is not None and (spec.depends_on in result.failed or spec.depends_on in result.blocked)
+
+
+def _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, say) -> None:
+    n = len(pending)
+    for i, spec in enumerate(pending, 1):
+        if _blocked(spec, result):
+            result.blocked.append(spec.id)
+            say(f"[{i}/{n}] {spec.id}: skipped, teacher {spec.depends_on} failed")
+            continue
+        say(f"[{i}/{n}] {spec.id} ({spec.method}, seed {spec.seed}) ...")
+        t = time.perf_counter()
+        try:
+            execute_run(spec, runs_dir, data_dir, device=device, resume=resume)
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
+            result.failed[spec.id] = f"{type(err).__name__}: {err}"
+            say(f"[{i}/{n}] {spec.id}: FAILED: {err}")
+            logger.debug("run %s failed", spec.id, exc_info=True)
+            continue
+        result.ran.append(spec.id)
+        say(f"[{i}/{n}] {spec.id}: done in {time.perf_counter() - t:.0f} s")
+
+
+def _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, result, say) -> None:
+    logs = runs_dir / ".logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    queue = list(pending)
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    n, started = len(pending), 0
+    while queue or running:
+        for spec in list(queue):
+            if len(running) >= jobs:
+                break
+            if _blocked(spec, result):
+                queue.remove(spec)
+                result.blocked.append(spec.id)
+                say(f"{spec.id}: skipped, teacher {spec.depends_on} failed")
+                continue
+            if spec.depends_on and not is_done(runs_dir / spec.depends_on):
+                continue  # its teacher is still queued or running
+            queue.remove(spec)
+            cmd = run_command(grid, spec.id, runs_dir, data_dir, device, resume, program=(sys.executable, "-m", "mkd"))
+            log = open(logs / f"{spec.id}.log", "w")  # noqa: SIM115 - closed when the worker ends
+            running[spec.id] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                time.perf_counter())  # fmt: skip
+            started += 1
+            say(f"[{started}/{n}] {spec.id} started (log: {logs / (spec.id + '.log')})")
+        if queue and not running:  # nothing can start: a teacher outside the selection is missing
+            for spec in queue:
+                result.blocked.append(spec.id)
+            break
+        time.sleep(0.2)
+        for run_id, (proc, log, t) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[run_id]
+            if proc.returncode == 0 and is_done(runs_dir / run_id):
+                result.ran.append(run_id)
+                say(f"{run_id}: done in {time.perf_counter() - t:.0f} s")
+            else:
+                tail = (logs / f"{run_id}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                result.failed[run_id] = f"exit {proc.returncode}: {tail[0] if tail else ''}"
+                say(f"{run_id}: FAILED (exit {proc.returncode}); see {logs / (run_id + '.log')}")
+
+
+def format_commands(commands: Iterable[Sequence[str]]) -> list[str]:
+    """Shell-quoted command lines."""
+    return [shlex.join(list(c)) for c in commands]

@@ -1,0 +1,162 @@
+"""``mkd report`` on a fake runs folder with known numbers: tables, % change, paired tests, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from mkd.cli import cli
+from mkd.errors import MkdError
+from mkd.reports import build_report, collect_runs
+
+SEEDS = (0, 1, 2)
+PATIENTS = ("spleen_2", "spleen_4", "spleen_7")
+# pooled test Dice per seed, and per-volume Dice per (seed, patient): known numbers
+DICE = {"S1": (0.70, 0.72, 0.74), "KD(T1,S1) B": (0.76, 0.77, 0.81), "KD(T1,S1) E": (0.71, 0.75, 0.74)}
+VOLUME_SHIFT = {"S1": 0.0, "KD(T1,S1) B": 0.05, "KD(T1,S1) E": 0.01}
+IDS = {"S1": "student-s1-f0.5", "KD(T1,S1) B": "distill-s1-t1-bn-contrastive-f0.5",
+       "KD(T1,S1) E": "distill-s1-t1-enc-contrastive-f0.5"}  # fmt: skip
+
+
+def _volume_dice(method: str, seed: int, i: int) -> float:
+    return 0.6 + 0.1 * i + 0.01 * seed + VOLUME_SHIFT[method] + (0.004 * i * seed if method != "S1" else 0.0)
+
+
+def _write_run(root: Path, method: str, seed: int) -> Path:
+    run_id = f"{IDS[method]}-seed{seed}"
+    d = root / run_id
+    (d / "eval" / "test").mkdir(parents=True)
+    kind = "student" if method == "S1" else "distill"
+    info = {"id": run_id, "kind": kind, "method": method, "arch": "s1",
+            "teacher": None if kind == "student" else "teacher-t1-seed0", "teacher_arch": None if kind == "student"
+            else "t1", "scales": [] if kind == "student" else ["bn" if method.endswith("B") else "enc"],
+            "loss": None if kind == "student" else "contrastive", "pmd": False, "mode": None, "data_fraction": 0.5,
+            "seed": seed, "profile": "cpu", "baseline": None if kind == "student" else f"student-s1-f0.5-seed{seed}",
+            "settings": {}, "groups": ["4.3 test table"]}  # fmt: skip
+    (d / "run.json").write_text(json.dumps(info))
+    dice = DICE[method][seed]
+    iou = dice / (2 - dice)
+    vols = [_volume_dice(method, seed, i) for i in range(len(PATIENTS))]
+    summary = {
+        "pooled": {"iou": iou, "dice": dice, "recall": dice - 0.02, "precision": dice + 0.03},
+        "per_volume": {"dice": {"mean": float(np.mean(vols)), "std": 0.0, "n": 3},
+                       "iou": {"mean": float(np.mean([v / (2 - v) for v in vols])), "std": 0.0, "n": 3},
+                       "hd95": {"mean": 10.0 - 10 * dice, "std": 0.0, "n": 3}},
+        "data": str(root / "no_such_data"),
+    }  # fmt: skip
+    (d / "eval" / "test" / "summary.json").write_text(json.dumps(summary))
+    per_volume = {
+        "patient": PATIENTS,
+        "dice": vols,
+        "iou": [v / (2 - v) for v in vols],
+        "hd95": [5.0 - v for v in vols],
+    }
+    pd.DataFrame(per_volume).to_csv(d / "eval" / "test" / "per_volume.csv", index=False)
+    log = {
+        "epoch": [1, 2, 3],
+        "train_loss": [0.9, 0.6, 0.5],
+        "val_mean_dice": [0.3 + seed * 0.01, dice - 0.1, dice - 0.05],
+    }
+    pd.DataFrame(log).to_csv(d / "metrics.csv", index=False)
+    (d / "summary.json").write_text(json.dumps({"best_epoch": 3, "best_val_mean_dice": dice - 0.05, "epochs": 3}))
+    return d
+
+
+@pytest.fixture
+def fake_runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for method in DICE:
+        for seed in SEEDS:
+            _write_run(root, method, seed)
+    (root / "half-finished").mkdir()  # no run.json / eval: not collected
+    (root / "half-finished" / "run.json").write_text("{}")
+    return root
+
+
+def test_collect_runs_one_row_per_finished_run(fake_runs):
+    runs = collect_runs(fake_runs)
+    assert len(runs) == 9
+    assert list(runs["kind"][:3]) == ["student"] * 3  # baselines before distillation runs
+    kd = runs[runs["run_id"] == "distill-s1-t1-bn-contrastive-f0.5-seed1"].iloc[0]
+    assert kd["baseline"] == "S1" and kd["baseline_run"] == "student-s1-f0.5-seed1"
+    assert kd["dice"] == pytest.approx(0.77) and kd["scales"] == "bn"
+    assert kd["best_val_mean_dice"] == pytest.approx(0.72) and kd["epochs"] == 3
+    assert kd["volume_dice"] == pytest.approx(np.mean([_volume_dice("KD(T1,S1) B", 1, i) for i in range(3)]))
+
+
+def test_report_tables_numbers_by_hand(fake_runs, tmp_path):
+    out = tmp_path / "report"
+    result = build_report(fake_runs, out, n_resamples=2000)
+    s = result.frames["summary"].set_index("method")
+    assert list(s.index) == ["S1", "KD(T1,S1) B", "KD(T1,S1) E"]
+    # mean and sample std over seeds, % change of the mean against S1's mean
+    assert s.loc["KD(T1,S1) B", "dice_mean"] == pytest.approx((0.76 + 0.77 + 0.81) / 3)
+    assert s.loc["KD(T1,S1) B", "dice_std"] == pytest.approx(np.std([0.76, 0.77, 0.81], ddof=1))
+    assert s.loc["KD(T1,S1) B", "dice_change_pct"] == pytest.approx(100 * (0.78 - 0.72) / 0.72)
+    assert np.isnan(s.loc["S1", "dice_change_pct"])
+    assert s.loc["KD(T1,S1) E", "precision_mean"] == pytest.approx(0.7333333 + 0.03)
+
+    # seed-paired test = scipy's paired t-test on the per-seed pooled Dice
+    sig = result.frames["significance_seeds"].set_index(["method", "metric"])
+    row = sig.loc[("KD(T1,S1) B", "dice")]
+    assert row["test"] == "ttest" and row["n"] == 3
+    assert row["pvalue"] == pytest.approx(stats.ttest_rel(DICE["KD(T1,S1) B"], DICE["S1"]).pvalue)
+    assert row["mean_diff"] == pytest.approx(0.06) and row["ci_low"] <= 0.06 <= row["ci_high"]
+    assert {"pvalue_holm", "t_pvalue", "wilcoxon_pvalue"} <= set(sig.columns)
+    # volume-paired test: each volume averaged over seeds, then paired by patient
+    vsig = result.frames["significance_volumes"].set_index(["method", "metric"])
+    a = [np.mean([_volume_dice("KD(T1,S1) E", s_, i) for s_ in SEEDS]) for i in range(3)]
+    b = [np.mean([_volume_dice("S1", s_, i) for s_ in SEEDS]) for i in range(3)]
+    assert vsig.loc[("KD(T1,S1) E", "dice"), "pvalue"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert vsig.loc[("KD(T1,S1) E", "dice"), "n"] == 3
+
+    # per-volume table
+    v = result.frames["volume"].set_index("method")
+    expected = np.mean([_volume_dice("KD(T1,S1) B", s_, i) for s_ in SEEDS for i in range(3)])
+    assert v.loc["KD(T1,S1) B", "volume_dice_mean"] == pytest.approx(expected)
+
+    # Markdown: formatted cells, the p column and a footnote naming the test
+    assert "0.780 ± 0.026 (+8.3%)" in result.markdown
+    assert "p dice (seeds)" in result.markdown and "paired t-test" in result.markdown
+    md = (out / "summary.md").read_text()
+    assert md == result.markdown
+    # files: tables, figures; qualitative panels skipped with a note (no data, no checkpoints)
+    for name in ("summary.csv", "volume.csv", "volume.md", "significance_seeds.csv", "significance_volumes.csv",
+                 "runs.csv", "per_volume.csv", "report.md", "group:4.3 test table.csv"):  # fmt: skip
+        assert result.files[name].is_file(), name
+    pngs = {p.name for p in result.figures}
+    assert {"ablation_dice_S1.png", "val_dice_S1.png", "S1.png", "KD_T1_S1_B.png"} <= pngs
+    for p in result.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("qualitative panels skipped" in n for n in result.notes)
+    assert result["markdown"] == result.markdown and result.get("figures") == result.figures
+    assert result.tables[0] == out / "summary.csv" and all(p.is_file() for p in result.tables)
+    assert pd.read_csv(out / "summary.csv")["dice_mean"].iloc[0] == pytest.approx(0.72)
+    assert not list(out.parent.glob(".report.tmp-*"))  # built atomically
+
+
+def test_report_baseline_override_and_errors(fake_runs, tmp_path):
+    result = build_report(fake_runs, tmp_path / "r", baseline="KD(T1,S1) E", figures=False)
+    s = result.frames["summary"].set_index("method")
+    assert s.loc["KD(T1,S1) B", "baseline"] == "KD(T1,S1) E"
+    assert s.loc["S1", "dice_change_pct"] == pytest.approx(100 * (0.72 - 0.7333333) / 0.7333333, rel=1e-5)
+    with pytest.raises(MkdError, match="not a method"):
+        build_report(fake_runs, tmp_path / "r2", baseline="nope", figures=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MkdError, match="no finished runs"):
+        build_report(tmp_path / "empty")
+
+
+def test_report_cli_prints_the_table(fake_runs):
+    res = CliRunner().invoke(cli, ["report", str(fake_runs), "--no-qualitative"])
+    assert res.exit_code == 0, res.output
+    assert "| KD(T1,S1) B | S1 | 3 |" in res.output
+    assert (fake_runs / "report" / "summary.md").is_file()
+    res = CliRunner().invoke(cli, ["report", str(fake_runs / "nothing")])
+    assert res.exit_code == 1 and "runs folder not found" in res.output

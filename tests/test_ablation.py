@@ -1,0 +1,205 @@
+"""``mkd ablate``: grid expansion, ids, dependency order, per-run commands, resumability."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mkd.ablation import expand_grid, is_done, load_grid, run_ablation, run_status
+from mkd.cli import cli
+from mkd.errors import MkdError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "seeds": [0, 1],
+    "settings": {"all": {"image_size": [32, 32]}, "teacher": {"network_preset": "tiny"}},
+    "teachers": ["t1"],
+    "students": ["s1", "s2"],
+    "distill": [{"table": "4.3", "student": "s1", "scales": ["bn", "enc+bn"], "pmd": [False, True]}],
+}
+
+
+def test_expansion_counts_ids_and_order():
+    grid = expand_grid(SMALL)
+    # 1 teacher (fixed seed 0), 2 students x 1 fraction x 2 seeds, 2 scales x 2 pmd x 2 seeds
+    assert grid.count() == {"teacher": 1, "student": 4, "distill": 8}
+    ids = [r.id for r in grid.runs]
+    assert ids[:5] == ["teacher-t1-seed0", "student-s1-f0.5-seed0", "student-s1-f0.5-seed1",
+                       "student-s2-f0.5-seed0", "student-s2-f0.5-seed1"]  # fmt: skip
+    assert ids[5:9] == [
+        "distill-s1-t1-bn-contrastive-f0.5-seed0",
+        "distill-s1-t1-bn-contrastive-f0.5-seed1",
+        "distill-s1-t1-bn+pmd-contrastive-f0.5-seed0",
+        "distill-s1-t1-bn+pmd-contrastive-f0.5-seed1",
+    ]
+    assert "distill-s1-t1-bn+enc+pmd-contrastive-f0.5-seed1" in ids  # scales in the order bn, enc, dec
+    kd = grid["distill-s1-t1-bn+enc+pmd-contrastive-f0.5-seed1"]
+    assert kd.method == "KD(T1,S1) B+E+PMD" and kd.scales == ("bn", "enc") and kd.pmd
+    assert kd.teacher == "teacher-t1-seed0" and kd.baseline == "student-s1-f0.5-seed1"
+    assert kd.settings == {"image_size": [32, 32]}  # not the teacher's network_preset
+    assert grid["teacher-t1-seed0"].settings == {"image_size": [32, 32], "network_preset": "tiny"}
+    # dependency order: every run comes after the run it needs
+    position = {r.id: i for i, r in enumerate(grid.runs)}
+    assert all(position[r.depends_on] < position[r.id] for r in grid.runs if r.depends_on)
+    over = kd.bundle_overrides("/runs")
+    assert over["train_split"] == "student" and over["scales"] == ["bn", "enc"] and over["pmd"] is True
+    assert over["teacher_ckpt"].endswith("teacher-t1-seed0/models/model.pt")
+    assert kd.run_json()["baseline"] == "student-s1-f0.5-seed1"
+
+
+def test_expansion_options_and_labels():
+    grid = expand_grid({**SMALL, "teacher_seed": "each", "distill": [
+        {"student": "s1", "scales": "bn", "loss": "mse", "data_fraction": 1.0, "pmd": True},
+        {"student": "s1", "scales": "none", "pmd": True, "mode": "pixel", "tag": "t04",
+         "settings": {"temperature": 0.4}},
+    ]}, seed_offset=3)  # fmt: skip
+    assert [r.id for r in grid.runs if r.kind == "teacher"] == ["teacher-t1-seed3", "teacher-t1-seed4"]
+    mse = grid["distill-s1-t1-bn+pmd-mse-f1.0-seed4"]
+    assert mse.method == "KD(T1,S1) B+PMD MSE (100%)" and mse.teacher == "teacher-t1-seed4"
+    assert mse.baseline == "student-s1-f1.0-seed4" and grid[mse.baseline].method == "S1 (100%)"
+    assert grid["distill-s1-t1-pmd-contrastive-pixel-f0.5-t04-seed3"].method == "KD(T1,S1) PMD pixel [t04]"
+    # the same configuration listed by two blocks is one run that belongs to both
+    twice = expand_grid({**SMALL, "distill": [{"table": "A", "scales": "bn"}, {"table": "B", "scales": "bn"}]})
+    assert twice.count()["distill"] == 4 and twice["distill-s1-t1-bn-contrastive-f0.5-seed0"].groups == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seedz": [0]}, "unknown key"),
+        ({"distill": [{"scales": "bn+xx"}]}, "unknown scale"),
+        ({"data_fractions": [0.3]}, "data fraction must be 0.5"),
+        ({"settings": {"all": {"arch": "s2"}}}, "set by the grid itself"),
+        ({"students": ["t1"]}, "is not a student"),
+        ({"distill": [{"scales": "none"}]}, "nothing to distil"),
+        ({"distill": [{"scales": "bn", "weights": {"dec": 0.3}}]}, "not a selected scale"),
+        ({"profile": "gpu"}, "profile must be"),
+    ],
+)
+def test_invalid_grids_are_clear_errors(change, message):
+    with pytest.raises(MkdError, match=message):
+        expand_grid({**SMALL, **change})
+
+
+def test_shipped_grids_mirror_the_thesis_tables():
+    for name in ("thesis", "thesis_cpu"):
+        grid = load_grid(ROOT / "grids" / f"{name}.yaml")
+        assert grid.profile == ("thesis" if name == "thesis" else "cpu") and grid.seeds == [0, 1, 2]
+        groups = {g for r in grid.runs for g in r.groups}
+        assert {g.split()[0] for g in groups} == {f"4.{i}" for i in range(2, 12)}
+        methods = {r.method for r in grid.runs}
+        assert {"KD(T1,S1) B+PMD", "KD(T2,S1) E+PMD", "KD(T1,S2) B+PMD", "KD(T1,S1) B+E+D MSE",
+                "KD(T1,S1) B (100%)", "S1 (100%)", "U-Net"} <= methods  # fmt: skip
+    smoke = load_grid(ROOT / "grids" / "smoke.yaml")
+    assert smoke.count() == {"teacher": 1, "student": 1, "distill": 1}
+
+
+def _write_grid(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fake_done(run_dir: Path) -> None:
+    (run_dir / "eval" / "test").mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval" / "test" / "summary.json").write_text("{}")
+
+
+def test_print_commands_dry_run_and_only(tmp_path):
+    grid_file = _write_grid(tmp_path, SMALL)
+    runs = tmp_path / "runs"
+    args = ["ablate", str(grid_file), "--runs", str(runs), "--data", str(tmp_path / "data")]
+    res = CliRunner().invoke(cli, [*args, "--print-commands"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    grid = load_grid(grid_file)
+    assert len(lines) == 13
+    ids = [shlex.split(line)[shlex.split(line).index("--only") + 1] for line in lines]
+    assert ids == [r.id for r in grid.runs]  # dependency order
+    first = shlex.split(lines[0])
+    assert first[:3] == ["mkd", "ablate", str(grid_file.resolve())]
+    assert first[first.index("--runs") + 1] == str(runs.resolve())  # absolute: runs anywhere
+
+    # a distillation run whose teacher is not done cannot run alone
+    res = CliRunner().invoke(cli, [*args, "--only", ids[-1]])
+    assert res.exit_code == 1 and "needs teacher run teacher-t1-seed0" in res.output
+    res = CliRunner().invoke(cli, [*args, "--only", "nope"])
+    assert res.exit_code == 1 and "no run 'nope'" in res.output
+
+    # finished runs drop out of the commands; dry-run shows the states
+    _fake_done(runs / "teacher-t1-seed0")
+    _fake_done(runs / "student-s1-f0.5-seed0")
+    res = CliRunner().invoke(cli, [*args, "--print-commands", "--kind", "distill"])
+    assert len([line for line in res.stdout.splitlines() if line.strip()]) == 8
+    res = CliRunner().invoke(cli, [*args, "--print-commands"])
+    assert len([line for line in res.stdout.splitlines() if line.strip()]) == 11
+    res = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert res.exit_code == 0 and "13 runs: 2 done, 11 pending" in res.output
+    assert run_status(grid, runs)["distill-s1-t1-bn-contrastive-f0.5-seed0"] == "pending"
+
+
+@pytest.mark.slow
+def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
+    """Run grids/smoke.yaml once for real; a second run does nothing; a lost evaluation is redone alone."""
+    runs = tmp_path / "runs"
+    args = ["ablate", str(ROOT / "grids" / "smoke.yaml"), "--runs", str(runs), "--data", str(tiny_prepared)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "ablate: 3 ran, 0 already done, 0 failed" in res.output
+    folders = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert folders == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0", "student-s1-f0.5-seed0", "teacher-t1-seed0"]
+    for name in folders:
+        d = runs / name
+        assert is_done(d) and (d / "models" / "model.pt").is_file() and (d / "metrics.csv").is_file()
+        info = json.loads((d / "run.json").read_text())
+        assert info["id"] == name and info["profile"] == "cpu"
+    kd = json.loads((runs / folders[0] / "run.json").read_text())
+    assert kd["baseline"] == "student-s1-f0.5-seed0" and kd["teacher"] == "teacher-t1-seed0"
+    config = json.loads((runs / folders[0] / "config.json").read_text())
+    assert config["image_size"] == [32, 32] and config["epochs"] == 1 and config["pmd"] is True
+    assert config["teacher_ckpt"] == str(runs.resolve() / "teacher-t1-seed0" / "models" / "model.pt")
+
+    def snapshot():
+        return {str(p): p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "3 runs: 3 done, 0 pending" in res.output and "0 ran, 3 already done" in res.output
+    assert snapshot() == before
+    res = CliRunner().invoke(cli, [*args, "--print-commands"])
+    assert res.stdout.strip() == ""
+
+    # a run whose evaluation is missing but whose training finished is evaluated again, not retrained
+    student = runs / "student-s1-f0.5-seed0"
+    metrics_mtime = (student / "metrics.csv").stat().st_mtime_ns
+    summary = (student / "eval" / "test" / "summary.json").read_text()
+    for f in (student / "eval" / "test").iterdir():
+        f.unlink()
+    result = run_ablation(load_grid(ROOT / "grids" / "smoke.yaml"), runs, tiny_prepared)
+    assert result.ran == [student.name] and result.pending == [student.name]
+    assert (student / "metrics.csv").stat().st_mtime_ns == metrics_mtime
+    again = json.loads((student / "eval" / "test" / "summary.json").read_text())
+    assert again["pooled"] == json.loads(summary)["pooled"]
+
+    # --jobs 2: worker processes, each running the per-run command; the distillation run waits for its teacher
+    for name in ("teacher-t1-seed0", "distill-s1-t1-bn+pmd-contrastive-f0.5-seed0"):
+        for f in (runs / name / "eval" / "test").iterdir():
+            f.unlink()
+    result = run_ablation(load_grid(ROOT / "grids" / "smoke.yaml"), runs, tiny_prepared, jobs=2)
+    assert result.failed == {} and sorted(result.ran) == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0",
+                                                          "teacher-t1-seed0"]  # fmt: skip
+    assert (runs / ".logs" / "teacher-t1-seed0.log").is_file()
+    assert all(is_done(runs / r) for r in result.planned)
+
+    # the report of the real runs has qualitative panels and the teacher's reconstructions
+    res = CliRunner().invoke(cli, ["report", str(runs), "--slices", "2"])
+    assert res.exit_code == 0, res.output
+    figures = {p.name for p in (runs / "report" / "figures").glob("*.png")}
+    assert "qualitative_KD_T1_S1_B+PMD.png" in figures and "reconstruction_T1.png" in figures
