@@ -1,0 +1,634 @@
+"""Segment a whole CT volume with a trained network: the ``mkd infer`` library.
+
+A volume (NIfTI file, or a DICOM series folder read with ITK) goes through exactly
+the pipeline ``mkd prepare`` used for the training slices
+(:func:`mkd.data.volume_transforms`: RAS orientation, optional spacing, HU window,
+in-plane ``area`` resize; then :func:`mkd.data.volume_to_slices` for the 3 channels),
+plus the training bundles' second ``area`` resize to the network's input size when it
+differs from the prepared size. The network runs on batches of slices; the
+foreground probability ``sigmoid(logits)`` is mapped back to the input's voxel grid
+(trilinear resize back, then MONAI's inverse of ``Spacingd`` and ``Orientationd``)
+and thresholded at 0.5, so the mask has exactly the input's shape, affine and voxel
+order. Optionally only the largest 3D connected component is kept (MONAI
+``KeepLargestConnectedComponent``). The mask is written atomically as uint8 NIfTI.
+
+Example:
+    >>> from mkd.inference import Segmenter  # doctest: +SKIP
+    >>> seg = Segmenter("runs/distill-s1-bn/models/model.pt", data_dir="mkd_data", lcc=True)  # doctest: +SKIP
+    >>> result = seg.segment_to_file("ct.nii.gz", "ct_mask.nii.gz")  # doctest: +SKIP
+    >>> result.shape, result.seconds  # doctest: +SKIP
+    ((512, 512, 94), 3.1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mkd.errors import InputError, MkdError
+
+__all__ = [
+    "InferenceSettings",
+    "InferenceResult",
+    "Volume",
+    "Preprocessed",
+    "Segmenter",
+    "resolve_settings",
+    "load_volume",
+    "preprocess",
+    "invert",
+    "predict_slices",
+    "keep_largest_component",
+    "save_mask",
+    "infer",
+    "NIFTI_SUFFIXES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Output file name endings accepted for masks.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+_DEFAULTS: dict[str, Any] = {"window": (-57.0, 164.0), "channels": "replicate", "spacing": None, "size": 256}
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@dataclass
+class InferenceSettings:
+    """How a volume is turned into network input (the ``mkd prepare`` settings + the network's input size).
+
+    Attributes:
+        window: ``(low, high)`` HU mapped to [0, 1], or ``"max"``.
+        channels: ``"replicate"`` or ``"2.5d"``.
+        spacing: target voxel size (x, y, z) in mm, or ``None`` for the native grid.
+        prepare_size: in-plane size ``mkd prepare`` resized the slices to.
+        image_size: ``(H, W)`` the network was trained on (the bundle's ``image_size``); when it differs
+            from ``prepare_size`` the slices get a second ``area`` resize, as in training.
+        sources: where each setting came from (``"option"``, ``"checkpoint"``, ``"DATA/prepare.json"``,
+            ``"default"``).
+    """
+
+    window: tuple[float, float] | str = _DEFAULTS["window"]
+    channels: str = "replicate"
+    spacing: tuple[float, float, float] | None = None
+    prepare_size: int = 256
+    image_size: tuple[int, int] = (256, 256)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the CLI, e.g. ``window -57,164 HU, channels replicate, spacing native, size 96 (...)``."""
+        win = "max" if self.window == "max" else f"{self.window[0]:g},{self.window[1]:g} HU"
+        spacing = "native" if self.spacing is None else ",".join(f"{s:g}" for s in self.spacing) + " mm"
+        size = f"{self.image_size[0]}x{self.image_size[1]}"
+        if self.prepare_size != self.image_size[0] or self.image_size[0] != self.image_size[1]:
+            size = f"{self.prepare_size} then {size}"
+        src = ", ".join(f"{k} from {v}" for k, v in self.sources.items())
+        return f"window {win}, channels {self.channels}, spacing {spacing}, size {size}" + (f" ({src})" if src else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (the schema of ``prepare.json``'s ``settings`` plus ``image_size``)."""
+        return {
+            "window": self.window if self.window == "max" else list(self.window),
+            "channels": self.channels,
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "size": self.prepare_size,
+            "image_size": list(self.image_size),
+        }
+
+
+def _checkpoint_preprocessing(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint records: ``ckpt["preprocessing"]`` or ``ckpt["run"]["preprocessing"]``.
+
+    Same schema as ``prepare.json``'s ``settings`` (``window``, ``channels``, ``spacing``, ``size``).
+    """
+    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
+    for candidate in (ckpt.get("preprocessing"), run.get("preprocessing")):
+        if isinstance(candidate, Mapping):
+            return dict(candidate)
+    return {}
+
+
+def resolve_settings(
+    checkpoint: Mapping[str, Any] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    window: tuple[float, float] | str | None = None,
+    channels: str | None = None,
+    spacing: Sequence[float] | str | None = None,
+    size: int | None = None,
+) -> InferenceSettings:
+    """Combine the preprocessing settings; per setting the first source that has it wins.
+
+    Order: explicit arguments, then the checkpoint (``preprocessing`` entry, prepare.json schema; the
+    training bundles record ``run.image_size``), then ``DATA/prepare.json`` of ``data_dir``, then the
+    ``mkd prepare`` defaults ([-57, 164] HU, replicate, native spacing, 256).
+
+    The network's input size is ``checkpoint["run"]["image_size"]``, else ``size``, else the prepared size.
+    ``size`` (the ``--size`` option) is a fall-back for checkpoints without ``run.image_size``.
+    ``spacing="none"`` asks for the native grid explicitly (``None`` means "not given").
+    Without a recorded prepared size (checkpoint or ``data_dir``) the slices are resized once,
+    straight to the network's input size.
+
+    Raises:
+        InputError: ``data_dir`` has no readable ``prepare.json``.
+        ValueError: a setting out of range (bad window, channels, size).
+    """
+    from mkd.data.transforms import parse_window
+
+    ckpt = checkpoint or {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    explicit = {k: v for k, v in {"window": window, "channels": channels, "spacing": spacing}.items() if v is not None}
+    layers.append(("option", explicit))
+    layers.append(("checkpoint", _checkpoint_preprocessing(ckpt)))
+    if data_dir is not None:
+        from mkd.data.prepare import load_prepare_info
+
+        try:
+            info = load_prepare_info(data_dir)
+        except InputError:
+            raise
+        except ValueError as err:  # JSONDecodeError
+            raise InputError(Path(data_dir) / "prepare.json", f"not valid JSON ({err})") from err
+        layers.append((str(Path(data_dir) / "prepare.json"), dict(info.get("settings", {}))))
+    layers.append(("default", dict(_DEFAULTS)))
+
+    chosen: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in ("window", "channels", "spacing", "size"):
+        for name, layer in layers:
+            if key in layer:
+                chosen[key], sources[key] = layer[key], name
+                break
+    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
+    image_size: Any = run.get("image_size")
+    if image_size is not None:
+        sources["image_size"] = "checkpoint"
+    elif size is not None:
+        image_size, sources["image_size"] = size, "option"
+    else:
+        image_size, sources["image_size"] = chosen["size"], sources["size"]
+    if isinstance(image_size, (int, float)):
+        image_size = (image_size, image_size)
+    image_size = tuple(int(s) for s in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be two positive integers (H, W), got {image_size}")
+    if chosen["channels"] not in ("replicate", "2.5d"):
+        raise ValueError(f"channels must be 'replicate' or '2.5d', got {chosen['channels']!r}")
+    sp = chosen["spacing"]
+    if isinstance(sp, str) and sp.strip().lower() in ("none", "native", ""):
+        sp = None
+    if sp is not None:
+        sp = tuple(float(s) for s in sp)
+        if len(sp) != 3:
+            raise ValueError(f"spacing must be three numbers (x, y, z) in mm, got {sp}")
+    # without a recorded prepared size, the slices are resized once, straight to the network's size
+    prepare_size = image_size[0] if sources["size"] == "default" else int(chosen["size"])
+    if prepare_size < 1:
+        raise ValueError(f"size must be positive, got {prepare_size}")
+    return InferenceSettings(
+        window=parse_window(chosen["window"]),
+        channels=chosen["channels"],
+        spacing=sp,
+        prepare_size=prepare_size,
+        image_size=image_size,  # type: ignore[arg-type]
+        sources={k: v for k, v in sources.items() if v != "default"},
+    )
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Volume:
+    """A loaded input volume.
+
+    Attributes:
+        data: MONAI ``MetaTensor`` (X, Y, Z) as loaded (float32 HU, the file's voxel order).
+        path: the file or folder read.
+        affine: voxel -> world (RAS mm) of the input, the affine the mask is written with.
+        header: the NIfTI header of a NIfTI input (copied into the mask), else ``None``.
+    """
+
+    data: Any
+    path: Path
+    affine: np.ndarray
+    header: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _check_dicom_folder(path: Path) -> None:
+    """Exactly one DICOM series in ``path`` (ITK's GDCM series scan), else :class:`InputError`."""
+    import itk
+
+    itk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's "No Series were found" goes to stderr otherwise
+    scan = itk.GDCMSeriesFileNames.New()
+    scan.SetUseSeriesDetails(True)
+    scan.SetDirectory(str(path))
+    uids = list(scan.GetSeriesUIDs())
+    if not uids:
+        raise InputError(path, "no DICOM series in this folder; expected a NIfTI file or one DICOM series folder")
+    if len(uids) > 1:
+        raise InputError(path, f"holds {len(uids)} DICOM series; pass a folder with one series")
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read one 3D CT volume: a NIfTI file (nibabel), a DICOM series folder or another ITK format (ITK).
+
+    Raises:
+        InputError: missing path, unreadable file, not a 3D volume, NaN voxels.
+    """
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    header = None
+    try:
+        if path.is_dir():
+            _check_dicom_folder(path)
+            data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+        elif _is_nifti(path):
+            img = nib.load(str(path))
+            header = img.header.copy()
+            data = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
+            affine = np.asarray(img.affine, dtype=np.float64)
+        else:
+            data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure means a bad input
+        what = "a DICOM series" if path.is_dir() else "an image"
+        raise InputError(path, f"cannot read as {what} ({_first_line(err)})") from err
+    if data.ndim != 3:
+        kind = "2D image" if data.ndim == 2 else f"{data.ndim}D image"
+        raise InputError(path, f"is a {kind} of shape {tuple(data.shape)}; expected one 3D volume")
+    if header is None:
+        affine = np.asarray(data.affine, dtype=np.float64)
+    n_nan = int(torch.isnan(data).sum())
+    if n_nan:
+        raise InputError(path, f"{n_nan} NaN voxel(s)")
+    return Volume(data=data, path=path, affine=affine, header=header)
+
+
+# --- preprocessing and its inverse -------------------------------------------------------------
+
+
+def _pipeline(settings: InferenceSettings):
+    """``volume_transforms`` without its loader (the same transform objects ``mkd prepare`` builds)."""
+    from monai.transforms import Compose, LoadImaged, Resized
+
+    from mkd.data.transforms import volume_transforms
+
+    full = volume_transforms(
+        keys=("image",), window=settings.window, spacing=settings.spacing, size=settings.prepare_size
+    )
+    xforms = list(full.transforms)
+    if not (isinstance(xforms[0], LoadImaged) and isinstance(xforms[-1], Resized)):
+        raise RuntimeError("mkd.data.volume_transforms changed: expected LoadImaged first and Resized last")
+    return Compose(xforms[1:])
+
+
+@dataclass
+class Preprocessed:
+    """A volume after the ``mkd prepare`` pipeline, with what :func:`invert` needs.
+
+    Attributes:
+        image: MetaTensor (1, prepare_size, prepare_size, Z') in [0, 1]; its ``applied_operations``
+            record the geometry.
+        transform: the MONAI ``Compose`` that ran (its transforms invert the geometry).
+        settings: the settings used.
+    """
+
+    image: Any
+    transform: Any
+    settings: InferenceSettings
+
+
+def preprocess(volume: Volume | Any, settings: InferenceSettings) -> Preprocessed:
+    """The ``mkd prepare`` volume pipeline after loading: channel-first, RAS, spacing, window, resize.
+
+    Args:
+        volume: a :class:`Volume`, or a MetaTensor (X, Y, Z) with its affine.
+        settings: the preprocessing settings.
+
+    Returns:
+        the preprocessed volume; slice it with :func:`mkd.data.volume_to_slices`.
+    """
+    data = volume.data if isinstance(volume, Volume) else volume
+    transform = _pipeline(settings)
+    return Preprocessed(image=transform({"image": data})["image"], transform=transform, settings=settings)
+
+
+def invert(values: torch.Tensor, preprocessed: Preprocessed) -> torch.Tensor:
+    """Map a (1, h, w, Z') map on the preprocessed grid back to the input's voxel grid.
+
+    ``values`` may be at the network's input size (h, w) rather than the prepared size; it is
+    first resized in-plane to the prepared size. Then MONAI inverts the recorded geometry in
+    reverse order: ``Resized`` (with ``trilinear`` interpolation instead of the forward ``area``,
+    Z unchanged), ``Spacingd`` (bilinear resampling) and ``Orientationd`` (exact flips /
+    transposes). Use it on probabilities and threshold afterwards.
+
+    Args:
+        values: float tensor (1, h, w, Z').
+        preprocessed: what :func:`preprocess` returned for this volume.
+
+    Returns:
+        float tensor (X, Y, Z): the input's shape and voxel order.
+
+    Raises:
+        ValueError: ``values`` does not have the preprocessed volume's slice count.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms.utils import convert_applied_interp_mode
+    from monai.utils import TraceKeys
+
+    ref = preprocessed.image
+    ops = list(ref.applied_operations)
+    if not ops or ops[-1][TraceKeys.CLASS_NAME] != "Resize":
+        raise RuntimeError("the preprocessed volume has no Resize as its last operation")
+    n_slices = int(ref.shape[-1])
+    v = torch.as_tensor(values).detach().to("cpu", torch.float32).as_subclass(torch.Tensor)
+    if v.ndim != 4 or v.shape[0] != 1 or v.shape[-1] != n_slices:
+        raise ValueError(f"expected values of shape (1, h, w, {n_slices}), got {tuple(v.shape)}")
+    if tuple(v.shape) != tuple(ref.shape):
+        v = F.interpolate(v[None], size=tuple(ref.shape[1:]), mode="trilinear", align_corners=False)[0]
+    # probabilities are resized back linearly, not with the forward "area" (blocky when upsampling)
+    ops[-1] = convert_applied_interp_mode(ops[-1], mode="trilinear", align_corners=False)
+    m = MetaTensor(v, meta=dict(ref.meta), applied_operations=ops)
+    # Compose.inverse needs the transform objects that ran forward (MONAI checks their ids)
+    out = preprocessed.transform.inverse({"image": m})["image"]
+    return torch.as_tensor(out).as_subclass(torch.Tensor)[0]
+
+
+def predict_slices(
+    model: torch.nn.Module,
+    slices: np.ndarray | torch.Tensor,
+    image_size: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Foreground probabilities of (S, C, H, W) slices, in batches.
+
+    Args:
+        model: logits-out network in eval mode.
+        slices: network input at the prepared size.
+        image_size: resize each batch (``area``, as the training bundles) to this size first.
+        batch_size: slices per forward.
+        device: where the network is.
+
+    Returns:
+        float32 CPU tensor (S, 1, h, w) of ``sigmoid(logits)``.
+    """
+    x_all = torch.as_tensor(slices, dtype=torch.float32)
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, x_all.shape[0], max(int(batch_size), 1)):
+            x = x_all[start : start + batch_size].to(device)
+            if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
+                x = F.interpolate(x, size=tuple(image_size), mode="area")
+            outs.append(torch.sigmoid(model(x).float()).cpu())
+    return torch.cat(outs)
+
+
+def keep_largest_component(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Keep the largest 26-connected foreground component of a binary 3D mask (MONAI)."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    m = torch.as_tensor(np.asarray(mask))[None]
+    if not bool(m.any()):
+        return np.asarray(mask).astype(np.uint8)
+    out = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)(m)
+    return np.asarray(torch.as_tensor(out)[0]).astype(np.uint8)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _check_output(path: Path) -> None:
+    if not _is_nifti(path):
+        raise InputError(path, f"output must be a NIfTI file ending in {' or '.join(NIFTI_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(path, "is a folder; expected an output file name")
+
+
+def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
+    """Write a uint8 NIfTI with the input's affine (and its NIfTI header, when it was NIfTI), atomically.
+
+    The file appears only when complete (temporary file beside it, then ``os.replace``).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    _check_output(path)
+    mask = np.asarray(mask).astype(np.uint8)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the input's {volume.shape}")
+    if volume.header is not None:
+        header = volume.header.copy()
+        header.set_data_dtype(np.uint8)
+        img = nib.Nifti1Image(mask, volume.affine, header=header)
+        img.header.set_slope_inter(1.0, 0.0)
+        img.header["cal_min"], img.header["cal_max"] = 0, 1
+    else:
+        img = nib.Nifti1Image(mask, volume.affine)
+        img.header.set_data_dtype(np.uint8)
+        img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"mkd infer mask"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- the segmenter ------------------------------------------------------------------------------
+
+
+@dataclass
+class InferenceResult:
+    """One segmented volume.
+
+    Attributes:
+        mask: uint8 (X, Y, Z) on the input's grid.
+        affine: the input's affine.
+        shape: the input's shape.
+        foreground: number of foreground voxels.
+        slices: number of slices the network saw.
+        seconds: wall time of the whole volume (read, preprocess, network, invert, post-process, write).
+        timings: the parts: ``load``, ``preprocess``, ``network``, ``invert``, ``postprocess``, ``write``.
+        output: the file written, if any.
+    """
+
+    mask: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    foreground: int
+    slices: int
+    seconds: float
+    timings: dict[str, float]
+    output: Path | None = None
+
+
+class Segmenter:
+    """A network plus its preprocessing, ready to segment volumes.
+
+    Args:
+        checkpoint: an mkd checkpoint (``RUN/models/model.pt``) or an already built network.
+        data_dir: a prepared dataset whose ``prepare.json`` gives the preprocessing settings.
+        window: HU window ``(low, high)`` or ``"max"``; overrides checkpoint / ``data_dir``.
+        channels: ``"replicate"`` or ``"2.5d"``; overrides checkpoint / ``data_dir``.
+        spacing: voxel size (x, y, z) mm; overrides checkpoint / ``data_dir``.
+        size: network input size for checkpoints without ``run.image_size``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        batch_size: slices per forward.
+        lcc: keep only the largest connected component.
+        threshold: probability threshold (0.5: ``sigmoid(logits) > 0.5``).
+
+    Raises:
+        InputError: unreadable checkpoint or ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | torch.nn.Module,
+        data_dir: str | os.PathLike | None = None,
+        window: tuple[float, float] | str | None = None,
+        channels: str | None = None,
+        spacing: Sequence[float] | None = None,
+        size: int | None = None,
+        device: str | torch.device | None = "auto",
+        batch_size: int = 32,
+        lcc: bool = False,
+        threshold: float = 0.5,
+    ) -> None:
+        from mkd.networks import load_network
+        from mkd.utils import resolve_device
+
+        self.device = resolve_device(None if device is None else str(device))
+        if isinstance(checkpoint, torch.nn.Module):
+            self.model, ckpt, self.checkpoint_path = checkpoint, {}, None
+        else:
+            self.checkpoint_path = Path(checkpoint)
+            self.model, ckpt = load_network(checkpoint, map_location="cpu")
+        if hasattr(self.model, "reconstruct"):
+            self.model.reconstruct = False
+        self.model.to(self.device).eval()
+        in_channels = getattr(self.model, "in_channels", 3)
+        if in_channels != 3:
+            raise InputError(self.checkpoint_path, f"network takes {in_channels} input channels; mkd slices have 3")
+        self.settings = resolve_settings(ckpt, data_dir, window, channels, spacing, size)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lcc = bool(lcc)
+        self.threshold = float(threshold)
+
+    def segment(self, volume: str | os.PathLike | Volume) -> InferenceResult:
+        """Segment one volume (path or :class:`Volume`); nothing is written."""
+        from mkd.data.transforms import volume_to_slices
+
+        t: dict[str, float] = {}
+        t0 = tick = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            t[name] = now - tick
+            tick = now
+
+        vol = volume if isinstance(volume, Volume) else load_volume(volume)
+        lap("load")
+        pre = preprocess(vol, self.settings)
+        slices = volume_to_slices(pre.image, channels=self.settings.channels)
+        lap("preprocess")
+        probs = predict_slices(self.model, slices, self.settings.image_size, self.batch_size, self.device)
+        lap("network")
+        stacked = probs[:, 0].permute(1, 2, 0)[None]  # (1, h, w, Z')
+        back = invert(stacked, pre)
+        if tuple(back.shape) != vol.shape:
+            raise RuntimeError(f"inverted shape {tuple(back.shape)} differs from the input's {vol.shape}")
+        lap("invert")
+        mask = (back > self.threshold).numpy().astype(np.uint8)
+        if self.lcc:
+            mask = keep_largest_component(mask)
+        lap("postprocess")
+        return InferenceResult(
+            mask=mask,
+            affine=vol.affine,
+            shape=vol.shape,
+            foreground=int(mask.sum()),
+            slices=int(slices.shape[0]),
+            seconds=time.perf_counter() - t0,
+            timings=t,
+        )
+
+    def segment_to_file(
+        self, input: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
+    ) -> InferenceResult:
+        """Segment ``input`` and write the mask to ``output`` (NIfTI, atomically).
+
+        Raises:
+            InputError: bad input, output not ``.nii``/``.nii.gz``, or output exists without ``overwrite``.
+        """
+        output = Path(output)
+        _check_output(output)
+        if output.exists() and not overwrite:
+            raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        if Path(input).resolve() == output.resolve():
+            raise InputError(output, "output would overwrite the input")
+        t0 = time.perf_counter()
+        vol = load_volume(input)
+        load_s = time.perf_counter() - t0
+        result = self.segment(vol)
+        result.timings = {"load": load_s, **{k: v for k, v in result.timings.items() if k != "load"}}
+        t1 = time.perf_counter()
+        save_mask(result.mask, vol, output)
+        result.timings["write"] = time.perf_counter() - t1
+        result.seconds = time.perf_counter() - t0
+        result.output = output
+        logger.info("%s -> %s: %d slices, %.2f s", input, output, result.slices, result.seconds)
+        return result
+
+
+def infer(
+    checkpoint: str | os.PathLike,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> InferenceResult:
+    """Segment one volume and write the mask: ``Segmenter(checkpoint, **kwargs).segment_to_file(input, output)``."""
+    return Segmenter(checkpoint, **kwargs).segment_to_file(input, output, overwrite=overwrite)

@@ -1,0 +1,313 @@
+"""``mkd infer`` / mkd.inference: geometry on real CT, the inverse of the preprocessing, DICOM series, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from mkd.cli import cli
+from mkd.inference import (
+    Segmenter,
+    invert,
+    keep_largest_component,
+    load_volume,
+    preprocess,
+    resolve_settings,
+)
+from mkd.networks import build, save_checkpoint
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example"
+if not SAMPLE.is_dir():  # the sample lives beside the repository in the workspace
+    SAMPLE = Path("/work/shared/data/totalseg_example")
+needs_sample = pytest.mark.skipif(not (SAMPLE / "ct_full.nii.gz").is_file(), reason="real CT sample not available")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+class HUThreshold(nn.Module):
+    """A hand-checkable "network": foreground where the centre channel's windowed intensity > 0.5.
+
+    With the default window [-57, 164] HU -> [0, 1] that is HU > 53.5, which can be computed on the
+    original grid directly.
+    """
+
+    in_channels = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 40.0 * (x[:, 1:2] - 0.5)
+
+
+def reoriented(img: nib.Nifti1Image, codes: str) -> nib.Nifti1Image:
+    now = nib.orientations.io_orientation(img.affine)
+    return img.as_reoriented(nib.orientations.ornt_transform(now, nib.orientations.axcodes2ornt(tuple(codes))))
+
+
+@pytest.fixture(scope="module")
+def s1_ckpt(tmp_path_factory) -> Path:
+    """Random-weight s1 checkpoint at 64x64 (geometry tests need no accuracy)."""
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "s1.pt", build("s1"), run={"image_size": [64, 64]})
+
+
+# --- geometry on the real CT ----------------------------------------------------------------------
+
+
+@needs_sample
+def test_cli_mask_has_the_inputs_shape_affine_and_dtype(s1_ckpt, tmp_path):
+    out = tmp_path / "mask.nii.gz"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "infer",
+            str(s1_ckpt),
+            "--input",
+            str(SAMPLE / "ct_full.nii.gz"),
+            "--output",
+            str(out),
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "time per volume" in r.output and "112 slices" in r.output
+    ct, mask = nib.load(SAMPLE / "ct_full.nii.gz"), nib.load(out)
+    assert mask.shape == ct.shape == (122, 101, 112)
+    np.testing.assert_allclose(mask.affine, ct.affine)
+    assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(ct.affine)
+    assert mask.get_data_dtype() == np.uint8
+    data = np.asanyarray(mask.dataobj)
+    assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]  # no temporary file left
+
+
+@needs_sample
+@pytest.mark.parametrize("size, spacing", [(128, None), (64, (4.0, 4.0, 4.0))])
+def test_preprocess_then_invert_gives_back_the_mask(size, spacing):
+    """The spleen mask pushed through the image pipeline and mapped back is nearly itself."""
+    reference = np.asarray(nib.load(SAMPLE / "spleen_30slices.nii.gz").dataobj).astype(bool)
+    volume = load_volume(SAMPLE / "spleen_30slices.nii.gz")
+    settings = resolve_settings(window=(0.0, 1.0), spacing=spacing, size=size)
+    pre = preprocess(volume, settings)
+    assert tuple(pre.image.shape[:3]) == (1, size, size)
+    back = invert(pre.image, pre)
+    assert tuple(back.shape) == reference.shape
+    assert dice(back.numpy() > 0.5, reference) > 0.9
+
+
+@needs_sample
+def test_threshold_model_segments_what_a_direct_threshold_finds():
+    """Through windowing, resizing, slicing, the network batches and the inverse: HU > 53.5 survives."""
+    ct = np.asarray(nib.load(SAMPLE / "ct_full.nii.gz").dataobj).astype(np.float32)
+    expected = ct > 53.5
+    result = Segmenter(HUThreshold(), size=256, batch_size=16, device="cpu").segment(SAMPLE / "ct_full.nii.gz")
+    assert result.shape == ct.shape and result.slices == 112
+    assert 0.02 < expected.mean() < 0.5
+    assert dice(result.mask, expected) > 0.95  # (0.97; at 128 area-resizing blurs thin vessels and bone: 0.79)
+
+
+@needs_sample
+def test_lps_copy_gives_the_flipped_mask(tmp_path):
+    """The same scan stored LPS: its mask is the RAS mask in LPS voxel order, with the LPS file's affine."""
+    ras = nib.load(SAMPLE / "ct_full.nii.gz")
+    lps = reoriented(ras, "LPS")
+    nib.save(lps, tmp_path / "ct_lps.nii.gz")
+    seg = Segmenter(HUThreshold(), size=64, device="cpu")
+    m_ras = seg.segment_to_file(SAMPLE / "ct_full.nii.gz", tmp_path / "ras_mask.nii.gz").mask
+    m_lps = seg.segment_to_file(tmp_path / "ct_lps.nii.gz", tmp_path / "lps_mask.nii.gz").mask
+    assert m_ras.sum() > 1000
+    out = nib.load(tmp_path / "lps_mask.nii.gz")
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(out.affine, lps.affine)
+    np.testing.assert_array_equal(m_lps, m_ras[::-1, ::-1, :])
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), m_lps)
+
+
+@needs_sample
+def test_dicom_series_folder_gives_the_same_mask_as_the_nifti(tmp_path):
+    """A DICOM series (written slice by slice with ITK/GDCM, LPS positions) read with MONAI's ITKReader."""
+    itk = pytest.importorskip("itk")
+    img = nib.load(SAMPLE / "ct_30slices.nii.gz")
+    arr = np.asarray(img.dataobj)[:, :, :6].astype(np.int16)
+    affine = img.affine.copy()
+    nib.save(nib.Nifti1Image(arr, affine), tmp_path / "ct6.nii.gz")
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(arr.shape[2]):
+        sl = itk.image_from_array(np.ascontiguousarray(arr[:, :, k].T))
+        sl.SetSpacing([float(affine[0, 0]), float(affine[1, 1])])
+        meta = sl.GetMetaDataDictionary()
+        x, y, z = (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        meta["0020|0032"] = f"{-x:.4f}\\{-y:.4f}\\{z:.4f}"  # ImagePositionPatient, LPS
+        meta["0020|0037"] = "-1\\0\\0\\0\\-1\\0"  # rows along -x, columns along -y in LPS: the RAS axes
+        meta["0018|0050"] = f"{affine[2, 2]:g}"
+        meta["0020|0013"] = str(k + 1)
+        meta["0008|0060"] = "CT"
+        meta["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1.4242"
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.ImageFileWriter[type(sl)].New(Input=sl, FileName=str(series / f"IM{k:04d}.dcm"), ImageIO=io).Update()
+
+    seg = Segmenter(HUThreshold(), size=64, device="cpu")
+    from_dicom = seg.segment_to_file(series, tmp_path / "dicom_mask.nii.gz")
+    from_nifti = seg.segment_to_file(tmp_path / "ct6.nii.gz", tmp_path / "nifti_mask.nii.gz")
+    out = nib.load(tmp_path / "dicom_mask.nii.gz")
+    assert out.shape == (122, 101, 6)
+    np.testing.assert_allclose(out.affine, affine, atol=1e-3)
+    assert from_nifti.mask.sum() > 100
+    np.testing.assert_array_equal(from_dicom.mask, from_nifti.mask)
+
+
+# --- settings, post-processing, a trained model -------------------------------------------------------
+
+
+def test_settings_come_from_options_then_checkpoint_then_prepare_json(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prepare.json").write_text(
+        json.dumps({"settings": {"size": 128, "channels": "2.5d", "window": [-100, 200], "spacing": [2, 2, 0]}})
+    )
+    s = resolve_settings({"run": {"image_size": [64, 64]}}, data)
+    assert (s.window, s.channels, s.spacing, s.prepare_size, s.image_size) == (
+        (-100.0, 200.0),
+        "2.5d",
+        (2.0, 2.0, 0.0),
+        128,
+        (64, 64),
+    )
+    assert s.sources["window"].endswith("prepare.json") and s.sources["image_size"] == "checkpoint"
+    s = resolve_settings(
+        {"run": {"image_size": [64, 64]}, "preprocessing": {"window": "max"}},
+        data,
+        channels="replicate",
+        spacing="none",
+    )
+    assert (s.window, s.channels, s.spacing) == ("max", "replicate", None)
+    s = resolve_settings({}, size=96)  # no metadata at all: mkd prepare's defaults, one resize to --size
+    assert (s.window, s.channels, s.spacing, s.prepare_size, s.image_size) == (
+        (-57.0, 164.0),
+        "replicate",
+        None,
+        96,
+        (96, 96),
+    )
+    assert resolve_settings({}).image_size == (256, 256)
+
+
+def test_largest_connected_component():
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[1:3, 1:3, 1:3] = 1  # 8 voxels
+    mask[5:9, 5:9, 5:9] = 1  # 64 voxels
+    mask[10, 10, 10] = 1
+    out = keep_largest_component(mask)
+    assert out.dtype == np.uint8 and out.sum() == 64 and out[5:9, 5:9, 5:9].all()
+    assert keep_largest_component(np.zeros((4, 4, 4), np.uint8)).sum() == 0
+
+
+@needs_sample
+def test_phantom_trained_student_gives_a_binary_mask_on_real_ct(tiny_prepared, tmp_path):
+    """s1 trained a few steps on the 64x64 phantom; --data gives the preprocessing; --lcc keeps one blob."""
+    from mkd.data import LoadSliced, load_split
+
+    torch.manual_seed(0)
+    model = build("s1")
+    items = load_split(tiny_prepared, "training")
+    load = LoadSliced(keys=("image", "label"))
+    batch = [load(items[i]) for i in range(0, len(items), max(len(items) // 16, 1))][:16]
+    x = torch.stack([b["image"] for b in batch])
+    y = torch.stack([b["label"] for b in batch])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, run={"image_size": [64, 64]})
+    out = tmp_path / "mask.nii"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "infer",
+            str(ckpt),
+            "--input",
+            str(SAMPLE / "ct_full.nii.gz"),
+            "--output",
+            str(out),
+            "--data",
+            str(tiny_prepared),
+            "--lcc",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert f"window from {tiny_prepared / 'prepare.json'}" in r.output  # the settings came from --data
+    mask = nib.load(out)
+    data = np.asanyarray(mask.dataobj)
+    assert mask.shape == (122, 101, 112) and data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1}
+    if data.any():  # one 26-connected component after --lcc
+        from scipy import ndimage
+
+        assert ndimage.label(data, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    (tmp / "garbage.nii.gz").write_bytes(b"not a nifti")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), tmp / "flat.nii.gz")
+    (tmp / "no_dicom").mkdir()
+    (tmp / "no_dicom" / "notes.txt").write_text("hello")
+    return {
+        "missing": tmp / "missing.nii.gz",
+        "garbage": tmp / "garbage.nii.gz",
+        "2d": tmp / "flat.nii.gz",
+        "folder": tmp / "no_dicom",
+    }
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing", "no such file"), ("garbage", "cannot read"), ("2d", "2D image"), ("folder", "no DICOM series")],
+)
+def test_bad_input_is_one_line_error_and_no_output(s1_ckpt, tmp_path, case, message):
+    path = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out" / "mask.nii.gz"
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", str(path), "--output", str(out)])
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: ") and message in lines[0], r.output
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+@needs_sample
+def test_output_rules_and_atomic_write(s1_ckpt, tmp_path, monkeypatch):
+    ct = str(SAMPLE / "ct_30slices.nii.gz")
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", ct, "--output", str(tmp_path / "mask.png")])
+    assert r.exit_code == 1 and "must be a NIfTI file" in r.output
+    existing = tmp_path / "old.nii.gz"
+    existing.write_bytes(b"keep me")
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", ct, "--output", str(existing)])
+    assert r.exit_code == 1 and "--overwrite" in r.output and existing.read_bytes() == b"keep me"
+    r = CliRunner().invoke(
+        cli, ["infer", str(tmp_path / "nope.pt"), "--input", ct, "--output", str(tmp_path / "a.nii")]
+    )
+    assert r.exit_code == 1 and "checkpoint file not found" in r.output
+
+    def broken_save(img, filename):  # a failure half-way through writing
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError):
+        Segmenter(s1_ckpt, device="cpu").segment_to_file(ct, tmp_path / "w" / "mask.nii.gz")
+    assert list((tmp_path / "w").iterdir()) == []
