@@ -577,6 +577,330 @@ def distill(
 # --- evaluate / infer / export / ablate / report / demo -----------------------
 
 
+def _metrics_table(rows: dict[str, dict]) -> str:
+    """A plain-text table: one row per name, columns IoU / Dice / recall / precision (+ HD95)."""
+    cols = ["iou", "dice", "recall", "precision", "hd95"]
+    width = max([len(n) for n in rows] + [8])
+    lines = [f"{'':{width}}  " + "  ".join(f"{c:>9}" for c in cols)]
+    for name, row in rows.items():
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(f"{v:9.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>9}")
+        lines.append(f"{name:{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default="mkd_data",
+    show_default=True,
+    help="Prepared dataset (output of `mkd prepare`).",
+)
+@click.option("--split", default="test", show_default=True, help="Datalist split to evaluate (test or validation).")
+@click.option(
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write summary.json, per_volume.csv, per_slice.csv. Default: RUN/eval/<split>.",
+)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@seed_option
+@_user_errors
+def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
+    """Metrics of CHECKPOINT on the test patients: pooled (as the thesis), per slice, per volume (+HD95)."""
+    from pathlib import Path
+
+    from mkd.evaluation import evaluate_checkpoint
+    from mkd.utils import seed_everything
+
+    seed_everything(seed)
+    ckpt = Path(checkpoint)
+    out = Path(output_dir) if output_dir else ckpt.resolve().parent.parent / "eval" / split
+    result = evaluate_checkpoint(ckpt, data_dir, split=split, batch_size=batch_size, device=device, progress=True)
+    paths = result.write(out)
+    s = result.summary
+    per_volume = {k: v.get("mean") for k, v in s["per_volume"].items() if isinstance(v, dict)}
+    per_slice = {k: v.get("mean") for k, v in s["per_slice_foreground"].items() if isinstance(v, dict)}
+    click.echo(
+        f"{s['network']['name']} on {split}: {s['slices']} slices of {len(result.segmentation.per_volume)} "
+        f"patients, {s['image_size'][0]}x{s['image_size'][1]}"
+    )
+    click.echo(
+        _metrics_table(
+            {"pooled (thesis)": s["pooled"], "per volume (mean)": per_volume, "per slice (with organ)": per_slice}
+        )
+    )
+    if "psnr" in s:
+        click.echo(f"reconstruction PSNR: {s['psnr']['mean']:.2f} dB")
+    click.echo(f"wrote {paths['summary']}")
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="mkd_demo",
+    show_default=True,
+    help="Demo folder: phantom, prepared data, runs and report.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
+@click.option("--teacher-epochs", type=int, default=None, help="Teacher epochs (default: the CPU profile's).")
+@click.option(
+    "--student-epochs",
+    type=int,
+    default=None,
+    help="Epochs of the baseline and the distilled students (default: the CPU profile's).",
+)
+@seed_option
+@_user_errors
+def demo(out, overwrite, teacher_epochs, student_epochs, seed):
+    """The main job on the embedded phantom: prepare, teacher, student, distil, evaluate, report (CPU profile)."""
+    from mkd.demo import run_demo
+
+    result = run_demo(
+        out,
+        seed=seed,
+        overwrite=overwrite,
+        teacher_epochs=teacher_epochs,
+        student_epochs=student_epochs,
+        echo=click.echo,
+    )
+    report = result["report"]
+    click.echo("")
+    click.echo(report["markdown"])
+    click.echo("")
+    for path in report.get("figures", []):
+        click.echo(f"figure: {path}")
+    for path in report.get("tables", []):
+        click.echo(f"table:  {path}")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in result["steps"].items())
+    click.echo(f"demo finished in {result['seconds']:.0f} s ({steps})")
+
+
+@cli.command()
+@click.argument("grid", type=click.Path(dir_okay=False))
+@click.option("--runs", "runs_dir", type=click.Path(file_okay=False), default=None,
+              help="Runs folder, one sub-folder per run. Default: runs/<grid file name>.")  # fmt: skip
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Prepared dataset. Default: the grid's 'data', else mkd_data.")  # fmt: skip
+@click.option("--profile", type=click.Choice(["cpu", "thesis"]), default=None,
+              help="Override the grid's profile.")  # fmt: skip
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at once, each in a worker process (a distillation run waits for its teacher).")  # fmt: skip
+@click.option("--only", multiple=True, metavar="RUN_ID",
+              help="Run only this run (repeatable); its teacher must be done. What --print-commands uses.")  # fmt: skip
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["teacher", "student", "distill"]),
+              help="Only runs of this kind (repeatable), e.g. stage 1: --kind teacher --kind student.")  # fmt: skip
+@click.option("--print-commands", is_flag=True,
+              help="Print one self-contained command per pending run, in dependency order, and exit.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="List the runs of the grid and their state; run nothing.")
+@click.option("--seed-offset", type=int, default=0, show_default=True,
+              help="Add to every seed of the grid (run seeds 3, 4, 5 of a [0, 1, 2] grid with 3).")  # fmt: skip
+@click.option("--resume", is_flag=True,
+              help="Continue half-trained runs from their last epoch checkpoint; default: restart them.")  # fmt: skip
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_user_errors
+def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands, dry_run, seed_offset, resume,
+           device):  # fmt: skip
+    """Run a grid of teachers, student baselines and distillation runs (see docs/ablate.md).
+
+    Each run goes to RUNS/<run id> with its run.json, training output and test
+    evaluation; finished runs are skipped, so running the same grid again does
+    nothing new. Afterwards: mkd report RUNS.
+
+    \b
+    Examples:
+      mkd ablate grids/thesis_cpu.yaml --runs runs_cpu --dry-run
+      mkd ablate grids/thesis_cpu.yaml --runs runs_cpu --jobs 4
+      mkd ablate grids/thesis.yaml --runs runs_gpu --data spleen256 --print-commands > jobs.txt
+    """
+    from pathlib import Path
+
+    from mkd.ablation import format_commands, load_grid, run_ablation, run_command, run_status
+
+    spec = load_grid(grid, profile=profile, seed_offset=seed_offset)
+    runs = Path(runs_dir or f"runs/{Path(grid).stem}")
+    data = Path(data_dir or spec.data or "mkd_data")
+    dev = None if device == "auto" else device
+    selected = [r for r in spec.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
+    for run_id in only:
+        spec[run_id]  # an unknown id is an error
+    status = run_status(spec, runs)
+    if dry_run:
+        counts = spec.count()
+        click.echo(f"grid {grid}: profile {spec.profile}, seeds {spec.seeds}, {counts['teacher']} teachers, "
+                   f"{counts['student']} student baselines, {counts['distill']} distillation runs")  # fmt: skip
+        width = max([len(r.id) for r in selected] + [6])
+        for r in selected:
+            click.echo(f"{status[r.id]:8} {r.id:{width}}  {r.method}")
+        pending = sum(status[r.id] != "done" for r in selected)
+        click.echo(f"{len(selected)} runs: {len(selected) - pending} done, {pending} pending (runs folder {runs})")
+        return
+    if print_commands:
+        pending = [r for r in selected if status[r.id] != "done"]
+        for kind in ("teacher", "student", "distill"):
+            block = [r for r in pending if r.kind == kind]
+            if not block:
+                continue
+            note = {"teacher": "stage 1: teachers", "student": "stage 1: student baselines (independent)",
+                    "distill": "stage 2: distillation runs (each needs its teacher from stage 1)"}[kind]  # fmt: skip
+            click.echo(f"# {note}: {len(block)} commands", err=True)
+            for line in format_commands(run_command(spec, r.id, runs, data, dev, resume) for r in block):
+                click.echo(line)
+        click.echo(f"# {len(pending)} pending runs; then: mkd report {runs}", err=True)
+        return
+    result = run_ablation(spec, runs, data, jobs=jobs, only=only, kinds=kinds or None, device=dev, resume=resume,
+                          progress=click.echo)  # fmt: skip
+    click.echo(f"ablate: {len(result.ran)} ran, {len(result.done)} already done, {len(result.failed)} failed, "
+               f"{len(result.blocked)} blocked ({result.seconds:.0f} s); runs folder {runs}")  # fmt: skip
+    if result.failed:
+        for run_id, err in result.failed.items():
+            click.echo(f"  failed: {run_id}: {err}", err=True)
+        raise MkdError(f"{len(result.failed)} run(s) failed; fix and run the same command again to redo them")
+    if not only:
+        click.echo(f"next: mkd report {runs}")
+
+
+@cli.command()
+@click.argument("runs_dir", type=click.Path(file_okay=False))
+@click.option("--output", "output_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder (replaced). Default: RUNS_DIR/report.")  # fmt: skip
+@click.option("--baseline", default=None, metavar="METHOD",
+              help="Compare every student-side method with this method (e.g. 'S1 (100%)') instead of its own "
+                   "matching baseline.")  # fmt: skip
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Prepared dataset for the qualitative panels. Default: the runs' evaluation data.")  # fmt: skip
+@click.option("--slices", "n_slices", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Test slices in the qualitative panels (largest organ of the first test patients).")  # fmt: skip
+@click.option("--figures/--no-figures", default=True, show_default=True, help="Write the PNG figures.")
+@click.option("--qualitative/--no-qualitative", default=True, show_default=True,
+              help="Run the checkpoints for the qualitative and reconstruction panels.")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True, help="Device for the qualitative panels.")
+@seed_option
+@_user_errors
+def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitative, device, seed):
+    """Thesis-style tables, paired tests and figures of the finished runs in RUNS_DIR.
+
+    Rows = method; pooled IoU / Dice / recall / precision, mean ± std over seeds and
+    % change against the matching student baseline; per-volume Dice / IoU / HD95;
+    paired tests over seeds and over test volumes with bootstrap confidence intervals
+    (--seed seeds the bootstrap). Writes CSV, Markdown and PNG files into RUNS_DIR/report.
+    """
+    from mkd.reports import build_report
+
+    result = build_report(runs_dir, output_dir, baseline=baseline, figures=figures, qualitative=qualitative,
+                          n_slices=n_slices, data_dir=data_dir, device=device, seed=seed)  # fmt: skip
+    click.echo(result.markdown)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{len(result.runs)} runs; report in {result.output_dir}:")
+    click.echo(f"  {result.files['report.md']}")
+    for name in ("summary.csv", "volume.csv", "significance_seeds.csv", "significance_volumes.csv"):
+        click.echo(f"  {result.files[name]}")
+    if result.figures:
+        click.echo(f"  {len(result.figures)} figures in {result.output_dir / 'figures'}")
+
+
+# --- infer / export (mkd.inference, mkd.export) ---
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--input", "input_path", required=True, type=click.Path(),
+              help="CT volume: NIfTI file (.nii/.nii.gz), DICOM series folder, or ITK-readable file.")  # fmt: skip
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Mask to write (.nii or .nii.gz): uint8, the input's shape, affine and voxel order.")  # fmt: skip
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Prepared dataset whose prepare.json gives the preprocessing (window, channels, ...).")  # fmt: skip
+@click.option("--window", default=None, help="HU window LOW,HIGH or 'max'  [default: checkpoint, --data, else -57,164]")
+@click.option("--channels", type=click.Choice(["replicate", "2.5d"]), default=None,
+              help="Slice channels  [default: checkpoint, --data, else replicate]")  # fmt: skip
+@click.option("--spacing", metavar="X,Y,Z|none", default=None,
+              help="Voxel size in mm to resample to, or 'none'  [default: checkpoint, --data, else none]")  # fmt: skip
+@click.option("--size", type=click.IntRange(8, 4096), default=None,
+              help="Network input size if the checkpoint lacks run.image_size  [default: --data's, 256]")  # fmt: skip
+@click.option("--lcc", is_flag=True, help="Keep only the largest 3D connected component of the mask.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Slices per forward.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@_user_errors
+def infer(checkpoint, input_path, output_path, data_dir, window, channels, spacing, size, lcc, batch_size, device,
+          overwrite):  # fmt: skip
+    """Segment a CT volume with CHECKPOINT and write the mask (see docs/infer.md).
+
+    \b
+    Examples:
+      mkd infer runs/distill-s1-bn/models/model.pt --input ct.nii.gz --output ct_spleen.nii.gz --data mkd_data
+      mkd infer model.pt --input dicom/series_3/ --output series_3_spleen.nii.gz --lcc
+    """
+    import math
+    from pathlib import Path
+
+    window_v = None
+    if window is not None:
+        from mkd.data.transforms import parse_window
+
+        try:
+            window_v = parse_window(window)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--window") from None
+    spacing_v = spacing
+    if spacing is not None and spacing.strip().lower() not in ("none", "native"):
+        spacing_v = _prepare_floats(spacing, 3, "--spacing")
+    output = Path(output_path)
+    if output.exists() and not overwrite:
+        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+
+    from mkd.inference import Segmenter
+
+    try:
+        seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,
+                        size=size, device=device, batch_size=batch_size, lcc=lcc)  # fmt: skip
+    except ValueError as err:
+        if isinstance(err, MkdError):
+            raise
+        raise click.UsageError(str(err)) from None
+    result = seg.segment_to_file(input_path, output, overwrite=overwrite)
+    click.echo(f"preprocessing: {seg.settings.describe()}")
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+    shape = "x".join(str(s) for s in result.shape)
+    click.echo(f"wrote {output}: {shape} uint8, {result.foreground} foreground voxels "
+               f"({result.foreground / max(math.prod(result.shape), 1):.2%})")  # fmt: skip
+    click.echo(f"time per volume: {result.seconds:.2f} s for {result.slices} slices on {seg.device} ({parts})")
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default="torchscript", show_default=True,
+              help="TorchScript (torch.jit.trace) or ONNX (needs the extra: pip install 'mkd[onnx]').")  # fmt: skip
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None,
+              help="File to write. Default: beside CHECKPOINT, <stem>.ts.pt or <stem>.onnx.")  # fmt: skip
+@click.option("--size", type=click.IntRange(8, 4096), default=None,
+              help="Square input size  [default: the checkpoint's run.image_size, else 256]")  # fmt: skip
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare the export's logits with PyTorch's (batch sizes 1 and 3).")  # fmt: skip
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Tolerance of the check.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@_user_errors
+def export_cmd(checkpoint, fmt, output_path, size, check, atol, overwrite):
+    """Export CHECKPOINT's network (logits, dynamic batch, fixed H x W) for deployment (see docs/export.md)."""
+    from mkd.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, fmt, output_path, size=size, check=check, atol=atol, overwrite=overwrite)
+    shape = result.metadata["input"]["shape"]
+    click.echo(f"wrote {result.path} ({fmt}): input image {shape[0]} x {' x '.join(map(str, shape[1:]))}, "
+               f"output logits; metadata under '{'mkd.json' if fmt == 'torchscript' else 'mkd'}'")  # fmt: skip
+    if result.max_abs_diff is not None:
+        click.echo(f"check: max |export - PyTorch| = {result.max_abs_diff:.2e} (atol {atol:g})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``mkd`` console script."""
     cli.main(args=argv, prog_name="mkd", standalone_mode=True)
