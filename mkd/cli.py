@@ -402,34 +402,39 @@ def teacher(arch, lambda_rec, **kwargs):
     _run_training("teacher", arch, overrides=overrides, **kwargs)
 
 
-@cli.command()
-@click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True, help="Student network.")
-@click.option(
-    "--data-fraction",
-    type=click.Choice(["0.5", "1.0"]),
-    default="0.5",
-    show_default=True,
-    help="0.5: the student subset (half the training patients); 1.0: all training patients.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(sorted(_OPTIMIZERS)),
-    default="rmsprop",
-    show_default=True,
-    help="Keep it equal to the distillation runs' optimiser for a fair baseline.",
-)
-@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2, as the thesis's students).")
-@training_options
-@_user_errors
-def student(arch, data_fraction, optimizer, lr, **kwargs):
-    """Train the student baseline (student bundle): Dice loss, student subset, no teacher."""
+def student_options(func):
+    """Options shared by `mkd student` and `mkd distill`: the same student, data and optimiser settings."""
+    options = [
+        click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True,
+                     help="Student network."),
+        click.option("--data-fraction", type=click.Choice(["0.5", "1.0"]), default="0.5", show_default=True,
+                     help="0.5: the student subset (half the training patients); 1.0: all training patients."),
+        click.option("--optimizer", type=click.Choice(sorted(_OPTIMIZERS)), default="rmsprop", show_default=True,
+                     help="Keep baseline and distillation runs on the same optimiser for a fair comparison."),
+        click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2, as the thesis's students)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _student_overrides(data_fraction: str, optimizer: str, lr: float | None) -> dict:
     overrides: dict = {
         "train_split": "student" if data_fraction == "0.5" else "training",
         "optimizer#_target_": _OPTIMIZERS[optimizer],
     }
     if lr is not None:
         overrides["learning_rate"] = lr
-    _run_training("student", arch, overrides=overrides, **kwargs)
+    return overrides
+
+
+@cli.command()
+@student_options
+@training_options
+@_user_errors
+def student(arch, data_fraction, optimizer, lr, **kwargs):
+    """Train the student baseline (student bundle): Dice loss, student subset, no teacher."""
+    _run_training("student", arch, overrides=_student_overrides(data_fraction, optimizer, lr), **kwargs)
 
 
 def _parse_weights(text: str | None) -> dict[str, float]:
@@ -458,7 +463,6 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     show_default=True,
     help="Teacher checkpoint (from `mkd teacher`).",
 )
-@click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True, help="Student network.")
 @click.option(
     "--scales",
     default="bn",
@@ -497,26 +501,12 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     help="Projector heads: 1x1 conv, or conv-ReLU-conv.",
 )
 @click.option(
-    "--data-fraction",
-    type=click.Choice(["0.5", "1.0"]),
-    default="0.5",
-    show_default=True,
-    help="0.5: the student subset; 1.0: all training patients.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(sorted(_OPTIMIZERS)),
-    default="rmsprop",
-    show_default=True,
-    help="Keep it equal to the baseline student's.",
-)
-@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2).")
-@click.option(
     "--cache/--no-cache",
     default=True,
     show_default=True,
     help="Compute the teacher's outputs once and reuse them every epoch.",
 )
+@student_options
 @training_options
 @_user_errors
 def distill(
@@ -563,11 +553,8 @@ def distill(
         "contrastive_mode": mode,
         "projector_kind": projector,
         "use_cache": cache,
-        "train_split": "student" if data_fraction == "0.5" else "training",
-        "optimizer#_target_": _OPTIMIZERS[optimizer],
+        **_student_overrides(data_fraction, optimizer, lr),
     }
-    if lr is not None:
-        overrides["learning_rate"] = lr
     if kwargs.get("output_dir") is None:
         tag = "+".join(scale_list) or "none"
         kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if pmd else ''}"

@@ -1,0 +1,45 @@
+"""The CLI's own checks: one-line errors before any training starts."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from mkd.cli import cli
+from mkd.networks import build, save_checkpoint
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_distill_without_a_teacher_checkpoint(tmp_path):
+    res = _invoke("distill", "--teacher", str(tmp_path / "t.pt"), "--output", str(tmp_path / "run"))
+    assert res.exit_code == 1
+    assert (
+        res.output.strip()
+        == f"Error: {tmp_path / 't.pt'}: teacher checkpoint not found; train one with `mkd teacher` or pass --teacher"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_needs_a_scale_or_pmd(tmp_path):
+    res = _invoke("distill", "--scales", "none", "--output", str(tmp_path / "run"))
+    assert res.exit_code == 2 and "nothing to distil" in res.output
+
+
+def test_distill_rejects_weights_for_unselected_terms(tmp_path):
+    teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"))
+    res = _invoke("distill", "--teacher", str(teacher), "--scales", "bn", "--weights", "dec=0.3")
+    assert res.exit_code == 2 and "'dec' is not a selected scale" in res.output
+    res = _invoke("distill", "--teacher", str(teacher), "--weights", "bn=high")
+    assert res.exit_code == 2 and "expected TERM=NUMBER" in res.output
+
+
+def test_training_commands_reject_a_malformed_set(tmp_path):
+    res = _invoke("student", "--set", "epochs", "--output", str(tmp_path / "run"))
+    assert res.exit_code == 1 and "expected KEY=VALUE" in res.output
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path):
+    res = _invoke("student", "--resume", "--overwrite", "--output", str(tmp_path / "run"))
+    assert res.exit_code == 2 and "--overwrite and --resume exclude each other" in res.output
