@@ -95,6 +95,7 @@ class TeacherCache:
         directory: str | os.PathLike,
         image_size: Sequence[int],
         logits: bool = True,
+        pool: bool = False,
         dtype: str = "float16",
         batch_size: int = 32,
         device: torch.device | str = "cpu",
@@ -111,6 +112,9 @@ class TeacherCache:
             directory: where the cache lives; an existing cache with the same ``meta`` is reused.
             image_size: the slice size the student sees (to probe its feature sizes).
             logits: also store the teacher's logits (for PMD).
+            pool: store the spatial mean of each (resized) feature, ``(C, 1, 1)`` per slice:
+                all that image-level InfoNCE with linear heads needs
+                (:func:`mkd.handlers.distillation.pools_features`).
             dtype: ``float16`` (half the memory) or ``float32`` (bit-exact losses).
             batch_size: slices per teacher forward.
             device: where the teacher runs.
@@ -158,6 +162,8 @@ class TeacherCache:
                     with recorder.recording():
                         out = teacher(images.to(device))
                     values = {s: match_spatial(recorder.features[s].float(), targets[s]) for s in scales}
+                    if pool:
+                        values = {s: v.mean(dim=tuple(range(2, v.ndim)), keepdim=True) for s, v in values.items()}
                     if logits:
                         values["logits"] = out.float()
                     for name, v in values.items():

@@ -9,6 +9,8 @@ from mkd.handlers.distillation import (
     build_projector,
     distillation_weights,
     load_teacher,
+    pool_spatial,
+    pools_features,
 )
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
@@ -19,6 +21,8 @@ __all__ = [
     "build_projector",
     "distillation_weights",
     "load_teacher",
+    "pool_spatial",
+    "pools_features",
     "EpochCSVLogger",
     "LOSS_TERMS_KEY",
     "RECON_KEY",

@@ -40,6 +40,8 @@ else:
 
 __all__ = [
     "DistillationHandler",
+    "pools_features",
+    "pool_spatial",
     "THESIS_WEIGHTS",
     "load_teacher",
     "build_projector",
@@ -51,6 +53,24 @@ logger = logging.getLogger(__name__)
 #: the thesis's T1 -> S1 weights (SPEC §3)
 THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
 _FEATURE_LOSSES = ("contrastive", "mse")
+
+
+def pools_features(loss: str, mode: str, projector_kind: str) -> bool:
+    """Whether features can be pooled *before* projection without changing the loss.
+
+    Image-level InfoNCE compares one embedding per slice: the spatial mean of the
+    projected feature map. A linear head (1x1 conv) commutes with that mean, so
+    pooling first gives the same loss for a fraction of the cost (the head then
+    runs on one vector per slice instead of every location), and the teacher
+    cache can store one vector per slice and scale. Not for the mlp heads, the
+    pixel / supervised variants or the MSE loss, which need the maps.
+    """
+    return loss == "contrastive" and mode == "image" and projector_kind == "linear"
+
+
+def pool_spatial(feature: torch.Tensor) -> torch.Tensor:
+    """Spatial mean of ``(B, C, *spatial)`` keeping the dims: ``(B, C, 1, ...)``."""
+    return feature.mean(dim=tuple(range(2, feature.ndim)), keepdim=True)
 
 
 def distillation_weights(
@@ -199,6 +219,7 @@ class DistillationHandler:
             else FeatureMSELoss()
         )
         self.mode = mode
+        self.pool = pools_features(loss, mode, getattr(projector, "kind", None))
         self.pmd = PMDLoss(temperature=pmd_temperature)
         # both recorders resolve the scale names now, so a typo fails before any training
         self.student_recorder = FeatureRecorder(student, self.scales) if self.scales else None
@@ -252,6 +273,8 @@ class DistillationHandler:
         return feats, logits
 
     def _add_loss(self, engine: Engine) -> None:
+        from mkd.networks.projector import match_spatial
+
         output = engine.state.output
         student_feats = dict(self.student_recorder.features) if self.student_recorder is not None else {}
         self._stack.close()
@@ -262,7 +285,12 @@ class DistillationHandler:
         terms: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
         labels = output.get(CommonKeys.LABEL) if self.mode == "supervised" else None
         for scale in self.scales:
-            s_emb, t_emb = self.projector(scale, student_feats[scale], teacher_feats[scale])
+            s_feat, t_feat = student_feats[scale], teacher_feats[scale]
+            if self.pool:  # image-level InfoNCE with linear heads: pool, then project (same loss, cheaper)
+                if any(d != 1 for d in t_feat.shape[2:]):  # a live teacher map (the cache stores it pooled)
+                    t_feat = pool_spatial(match_spatial(t_feat, s_feat.shape[2:]))
+                s_feat = pool_spatial(s_feat)
+            s_emb, t_emb = self.projector(scale, s_feat, t_feat)
             if self.loss_name == "contrastive":
                 term = self.feature_loss(s_emb, t_emb, labels)
             else:

@@ -107,9 +107,12 @@ def test_hooks_are_removed_when_the_run_completes():
 def test_cache_and_live_teacher_give_the_same_losses(tmp_path, loss):
     items = _items()
     teacher, student, projector, handler = _setup(loss=loss)
+    pool = handler.pool
+    assert pool == (loss == "contrastive")  # image-level InfoNCE with linear heads stores one vector per slice
     cache = TeacherCache.build(teacher, student, items, lambda d: d, ["enc", "bn", "dec"], tmp_path / "c",
-                               (SIZE, SIZE), logits=True, dtype="float32", batch_size=3)  # fmt: skip
+                               (SIZE, SIZE), logits=True, pool=pool, dtype="float32", batch_size=3)  # fmt: skip
     assert len(cache) == len(items)
+    assert cache.lookup(items[0])["teacher_bn"].shape == ((128, 1, 1) if pool else (128, 8, 8))
     live_trainer, live = _trainer(student, projector, items, handler)
     live_trainer.run()
     assert handler.live_steps == 2 and handler.cached_steps == 0
@@ -170,3 +173,25 @@ def test_teacher_student_input_size_mismatch_is_a_clear_error(tmp_path):
         load_teacher(path, image_size=[128, 128])
     loaded = load_teacher(path, image_size=[96, 96])
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_pooling_before_the_linear_heads_gives_the_loss_of_pooling_after():
+    """Image-level InfoNCE pools the projected map; a 1x1 conv commutes with the mean, so pool-first is exact."""
+    from mkd.networks.projector import match_spatial
+
+    torch.manual_seed(0)
+    teacher, student, projector, handler = _setup(pmd=False)
+    assert handler.pool
+    x = torch.rand(6, 3, SIZE, SIZE)
+    from mkd.networks import FeatureRecorder
+
+    with FeatureRecorder(student, ["enc", "bn", "dec"]) as rs, FeatureRecorder(teacher, ["enc", "bn", "dec"]) as rt:
+        with rs.recording(), rt.recording():
+            student(x)
+            teacher(x)
+        for scale in ("enc", "bn", "dec"):
+            s, t = rs.features[scale], rt.features[scale]
+            after = handler.feature_loss(*projector(scale, s, t))  # project the maps, InfoNCE pools them
+            t_pooled = match_spatial(t, s.shape[2:]).mean(dim=(2, 3), keepdim=True)
+            before = handler.feature_loss(*projector(scale, s.mean(dim=(2, 3), keepdim=True), t_pooled))
+            torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
