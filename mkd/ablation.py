@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mkd.bundle import BUNDLES
 from mkd.errors import InputError, MkdError
 
 __all__ = [
@@ -51,8 +52,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: kinds of runs, in the order they are run (a distillation run needs its teacher).
-KINDS = ("teacher", "student", "distill")
+#: kinds of runs = the bundles that train them, in the order they are run (a distillation run needs its teacher).
+KINDS = BUNDLES
 #: scale order in ids and labels: the thesis writes B -> B + E -> E + D -> D.
 SCALE_ORDER = ("bn", "enc", "dec")
 SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
