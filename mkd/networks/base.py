@@ -60,5 +60,20 @@ class MkdNetwork(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.network_name!r}"
 
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run ``self.encoder`` (a sequence of blocks) then ``self.bottleneck``.
+
+        Returns (the encoder maps, shallowest first, used as skips; the bottleneck map).
+        Shared by the U-Nets and the TransUNet, whose encoders differ only in their blocks.
+        """
+        from mkd.networks.blocks import check_input
+
+        check_input(x, self.spatial_dims, self.in_channels, self.size_divisor)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        return skips, self.bottleneck(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

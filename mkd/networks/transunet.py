@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mkd.networks.base import MkdNetwork
-from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock, ViTBottleneck, check_input, ensure_tuple_dims
+from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock, ViTBottleneck, ensure_tuple_dims
 
 __all__ = ["TransUNet"]
 
@@ -143,15 +143,6 @@ class TransUNet(MkdNetwork):
     def feature_scales(self) -> dict[str, str]:
         last = len(self.features) - 1
         return {"enc": f"encoder.{last}", "bn": "bottleneck", "dec": f"decoder.blocks.{last}", "recon": "recon_decoder"}
-
-    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Run the hybrid encoder: returns (stem maps shallowest first, ViT bottleneck map)."""
-        check_input(x, self.spatial_dims, self.in_channels, self.size_divisor)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        return skips, self.bottleneck(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation logits; also runs ``recon_decoder`` (read it with a recorder) when :attr:`reconstruct`."""

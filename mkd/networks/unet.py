@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mkd.networks.base import MkdNetwork
-from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock, check_input
+from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock
 
 __all__ = ["UNet", "MultiTaskUNet"]
 
@@ -97,15 +97,6 @@ class UNet(MkdNetwork):
     def feature_scales(self) -> dict[str, str]:
         last = self.depth - 1
         return {"enc": f"encoder.{last}", "bn": "bottleneck", "dec": f"decoder.blocks.{last}"}
-
-    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Run the encoder: returns (skip maps shallowest first, bottleneck map)."""
-        check_input(x, self.spatial_dims, self.in_channels, self.size_divisor)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        return skips, self.bottleneck(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segmentation logits, same spatial size as ``x``."""
