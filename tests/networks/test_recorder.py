@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mkd.networks import FeatureRecorder, build, resolve_scales, unwrap_model
@@ -95,22 +97,33 @@ def test_data_parallel_wrapper_is_unwrapped():
     assert rec.features["bn"].shape == (2, 64, 4, 4)
 
 
-def test_recorder_on_ddp_model(tmp_path):
-    init_file = tmp_path / "ddp_init"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        net = build("s1")
-        ddp = nn.parallel.DistributedDataParallel(net)
-        with FeatureRecorder(ddp, ["enc", "bn", "dec"]) as rec:
-            with rec.recording():
-                out = ddp(torch.rand(2, 3, 16, 16))
-            assert {k: tuple(v.shape) for k, v in rec.features.items()} == {
-                "enc": (2, 32, 8, 8),
-                "bn": (2, 64, 4, 4),
-                "dec": (2, 16, 16, 16),
-            }
-            (out.mean() + rec.features["bn"].mean()).backward()
-        assert all(p.grad is not None for p in net.parameters())
-        assert all_hooks(net) == 0
-    finally:
-        dist.destroy_process_group()
+# Run in a child process: a process group is global state, and a rendezvous that
+# never completes must fail this test, not hang the suite. The store is TCP on
+# the loopback (what torchrun --standalone uses); a FileStore under tmp_path hung
+# on CI's file system.
+DDP_CHILD = """
+import torch, torch.distributed as dist
+from torch import nn
+from mkd.networks import FeatureRecorder, build
+store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+try:
+    net = build("s1")
+    ddp = nn.parallel.DistributedDataParallel(net)
+    with FeatureRecorder(ddp, ["enc", "bn", "dec"]) as rec:
+        with rec.recording():
+            out = ddp(torch.rand(2, 3, 16, 16))
+        shapes = {k: tuple(v.shape) for k, v in rec.features.items()}
+        assert shapes == {"enc": (2, 32, 8, 8), "bn": (2, 64, 4, 4), "dec": (2, 16, 16, 16)}, shapes
+        (out.mean() + rec.features["bn"].mean()).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert sum(len(m._forward_hooks) for m in net.modules()) == 0
+finally:
+    dist.destroy_process_group()
+print("ddp-ok")
+"""
+
+
+def test_recorder_on_ddp_model():
+    result = subprocess.run([sys.executable, "-c", DDP_CHILD], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ddp-ok" in result.stdout, result.stderr[-3000:]
