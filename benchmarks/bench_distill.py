@@ -3,11 +3,15 @@
 Runs the student bundle and the distill bundle side by side in one process on
 the same prepared phantom, the same student and the same data, with
 validation switched off so that only training epochs are timed, and prints
-the median epoch time of each and the ratios. The teacher is a CPU-sized t1
+the median epoch time of each and the ratios. Two shared CPU cores drift by
+10-20 % from minute to minute, so the runs are interleaved over ``--rounds``
+rounds (student, cached distillation, live distillation, then again), each
+run's first epoch (warm-up) is dropped, and the ratio of every round is
+printed beside the median. The teacher is a CPU-sized t1
 (`small` preset, 2.7 M parameters) with random weights: the cost of a
 forward pass does not depend on what the weights are.
 
-    python benchmarks/bench_distill.py [--data DIR] [--epochs 3] [--scales enc,bn,dec] [--size 96]
+    python benchmarks/bench_distill.py [--data DIR] [--epochs 4] [--rounds 3] [--scales enc,bn,dec] [--size 96]
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset (default: a fresh phantom)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not timed")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the three runs")
     parser.add_argument("--scales", default="enc,bn,dec")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--teacher-preset", default="small")
@@ -44,30 +48,38 @@ def main() -> None:
     common = {"image_size": [args.size, args.size], "epochs": args.epochs, "val_interval": 10**6}
     distill = {**common, "teacher_ckpt": str(ckpt), "scales": scales, "pmd": True}
 
-    def epochs(name: str, bundle: str, overrides: dict) -> tuple[float, float]:
+    def epoch_times(name: str, bundle: str, overrides: dict) -> list[float]:
         import pandas as pd
 
-        t0 = time.perf_counter()
         run_bundle(bundle, tmp / name, data, overrides=overrides, seed=0)
-        total = time.perf_counter() - t0
-        times = pd.read_csv(tmp / name / "metrics.csv")["epoch_time_s"].tolist()
-        return statistics.median(times), total
+        return pd.read_csv(tmp / name / "metrics.csv")["epoch_time_s"].tolist()[1:]
 
-    student, _ = epochs("student", "student", common)
-    cached, cached_total = epochs("distill-cache", "distill", {**distill, "use_cache": True})
-    live, _ = epochs("distill-live", "distill", {**distill, "use_cache": False})
-    cache_mb = sum(f.stat().st_size for f in (tmp / "distill-cache" / "teacher_cache").glob("*.npy")) / 1e6
+    runs = {
+        "student only": ("student", common),
+        "distill, teacher cache": ("distill", {**distill, "use_cache": True}),
+        "distill, live teacher": ("distill", {**distill, "use_cache": False}),
+    }
+    times: dict[str, list[list[float]]] = {label: [] for label in runs}
+    for r in range(args.rounds):
+        for i, (label, (bundle, overrides)) in enumerate(runs.items()):
+            times[label].append(epoch_times(f"r{r}-{i}", bundle, overrides))
+    cache_mb = sum(f.stat().st_size for f in (tmp / "r0-1" / "teacher_cache").glob("*.npy")) / 1e6
 
+    def median(label: str, r: int | None = None) -> float:
+        return statistics.median(times[label][r] if r is not None else sum(times[label], []))
+
+    base = "student only"
     print(
         f"data: {data}; scales {','.join(scales)} + PMD; teacher t1/{args.teacher_preset} "
-        f"({teacher.num_parameters() / 1e6:.2f} M); {args.size}x{args.size}; median of {args.epochs} epochs"
+        f"({teacher.num_parameters() / 1e6:.2f} M); {args.size}x{args.size}; "
+        f"{args.rounds} interleaved rounds of {args.epochs} epochs (first epoch of each run not timed)"
     )
-    print("| run | epoch (s) | ratio to student-only |")
-    print("|---|---:|---:|")
-    print(f"| student only | {student:.2f} | 1.00 |")
-    print(f"| distill, teacher cache | {cached:.2f} | {cached / student:.2f} |")
-    print(f"| distill, live teacher | {live:.2f} | {live / student:.2f} |")
-    print(f"teacher cache: {cache_mb:.0f} MB on disk; whole cached run incl. building the cache {cached_total:.1f} s")
+    print("| run | median epoch (s) | ratio to student-only | ratio in each round |")
+    print("|---|---:|---:|---|")
+    for label in runs:
+        per_round = ", ".join(f"{median(label, r) / median(base, r):.2f}" for r in range(args.rounds))
+        print(f"| {label} | {median(label):.2f} | {median(label) / median(base):.2f} | {per_round} |")
+    print(f"teacher cache: {cache_mb:.0f} MB on disk")
 
 
 if __name__ == "__main__":
