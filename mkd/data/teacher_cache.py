@@ -120,10 +120,11 @@ class TeacherCache:
             device: where the teacher runs.
             meta: plain data identifying the teacher and settings; a cache built with other
                 ``meta`` is rebuilt.
-        """
-        from mkd.networks import FeatureRecorder, feature_shapes
-        from mkd.networks.projector import match_spatial
 
+        Under ``torch.distributed`` (the multi-process bundles) only rank 0 runs the teacher;
+        the other ranks wait for it and read its files, so ``directory`` must be one that
+        every rank sees (one machine, or a shared file system).
+        """
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         directory = Path(directory)
@@ -140,6 +141,44 @@ class TeacherCache:
                 default=str,
             )
         )
+        index_file = directory / "index.json"
+        # Under DDP every rank holds the whole training list: rank 0 builds the cache
+        # while the others wait at a barrier, then they all read the same files
+        # (several ranks writing one directory would race on the temporary files).
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and dist.get_rank() > 0:
+            dist.barrier()
+            if not (index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta):
+                raise RuntimeError(f"rank {dist.get_rank()}: rank 0 did not write the teacher cache {directory}")
+            return cls(directory)
+        try:
+            return cls._build(teacher, student, data, transform, scales, directory, image_size, logits, pool,
+                              dtype, batch_size, device, meta)  # fmt: skip
+        finally:
+            if distributed:
+                dist.barrier()
+
+    @classmethod
+    def _build(
+        cls,
+        teacher: torch.nn.Module,
+        student: torch.nn.Module,
+        data: Sequence[Mapping[str, Any]],
+        transform: Callable,
+        scales: Sequence[str],
+        directory: Path,
+        image_size: Sequence[int],
+        logits: bool,
+        pool: bool,
+        dtype: str,
+        batch_size: int,
+        device: torch.device | str,
+        meta: dict[str, Any],
+    ) -> TeacherCache:
+        from mkd.networks import FeatureRecorder, feature_shapes
+        from mkd.networks.projector import match_spatial
+
         index_file = directory / "index.json"
         if index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta:
             logger.info("reusing teacher cache %s", directory)

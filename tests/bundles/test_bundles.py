@@ -134,6 +134,22 @@ def test_two_process_ddp_epoch(tiny_prepared, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_distill_epoch(teacher_run, tiny_prepared, tmp_path):
+    teacher_dir, _ = teacher_run
+    out = tmp_path / "ddp-distill"
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher_dir / "models" / "model.pt"),
+                 "scales": ["bn"], "pmd": True}  # fmt: skip
+    run_bundle("distill", out, tiny_prepared, overrides=overrides, nproc=2)
+    ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert {k.split(".")[0] for k in ckpt["projector"]} == {"student_heads", "teacher_heads"}
+    df = pd.read_csv(out / "metrics.csv")
+    assert df["train_contrastive_bn"].iloc[0] > 0 and df["train_pmd"].iloc[0] > 0
+    # one cache, written once (by rank 0), no temporary file left behind
+    assert sorted(p.name for p in (out / "teacher_cache").iterdir()) == ["bn.npy", "index.json", "logits.npy"]
+
+
+@pytest.mark.slow
 def test_monai_bundle_run_runs_the_same_bundle(tiny_prepared, tmp_path):
     out = tmp_path / "mb"
     cmd = [sys.executable, "-m", "monai.bundle", "run",
