@@ -24,10 +24,12 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ __all__ = [
     "execute_run",
     "run_ablation",
     "run_command",
+    "run_lock",
     "format_commands",
 ]
 
@@ -501,12 +504,17 @@ def _check_identity(spec: RunSpec, run_dir: Path) -> None:
 
 
 def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
-    """``{run id: "done" | "pending" | "waiting"}``; waiting = pending and its teacher is not done yet."""
+    """``{run id: "done" | "running" | "pending" | "waiting"}``.
+
+    running = some process holds the run's lock; waiting = pending and its teacher is not done yet.
+    """
     runs_dir = Path(runs_dir)
     out = {}
     for r in grid.runs:
         if is_done(runs_dir / r.id):
             out[r.id] = "done"
+        elif (runs_dir / f"{r.id}.lock").exists():
+            out[r.id] = "running"
         elif r.depends_on and not is_done(runs_dir / r.depends_on):
             out[r.id] = "waiting"
         else:
@@ -515,6 +523,60 @@ def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
 
 
 # --- running ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(runs_dir: str | os.PathLike, run_id: str) -> Iterator[Path]:
+    """Hold ``RUNS/<id>.lock`` while a run trains, so two processes never run the same id.
+
+    The lock file is created atomically (``O_CREAT | O_EXCL``, which shared file systems
+    such as NFS honour) and holds the owner's host, pid and start time; it is removed
+    when the block ends, also on error. A lock left by a process that no longer exists
+    on this host (a killed job) is taken over; a lock from another host is only
+    reported, since its process cannot be checked from here.
+
+    Raises:
+        MkdError: the run is locked by a live process (or by one on another host).
+    """
+    path = Path(runs_dir) / f"{run_id}.lock"
+    host = socket.gethostname()
+    mine = json.dumps({"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
+                logger.info("%s: taking over a lock left by pid %d, which has exited", run_id, owner["pid"])
+                path.unlink(missing_ok=True)
+                continue
+            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
+            raise MkdError(
+                f"{path}: run {run_id} is being run by {who}; wait for it, or delete the lock file "
+                "if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:  # pragma: no cover - the stale lock reappeared between unlink and create
+        raise MkdError(f"{path}: could not take the lock for run {run_id}; try again")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def execute_run(
@@ -531,12 +593,15 @@ def execute_run(
     is missing is only evaluated. Any other half-finished folder is deleted and the run
     starts over, or, with ``resume``, continues from its last epoch checkpoint.
 
+    While it trains, the run holds ``RUNS/<id>.lock`` (:func:`run_lock`), so a second
+    process asked for the same run (another ``mkd ablate`` on the same runs folder, or a
+    cluster job started twice) fails at once instead of training over it.
+
     Raises:
-        MkdError: the teacher of a distillation run is not done, or a finished run differs from ``spec``.
+        MkdError: the teacher of a distillation run is not done, a finished run differs from
+            ``spec``, or another process holds the run's lock.
     """
-    from mkd.bundle import last_checkpoint, run_bundle
-    from mkd.evaluation import evaluate_checkpoint
-    from mkd.utils import atomic_dir, write_json
+    from mkd.utils import write_json
 
     runs_dir = Path(runs_dir).resolve()
     run_dir = runs_dir / spec.id
@@ -549,6 +614,18 @@ def execute_run(
     if spec.depends_on and not is_done(runs_dir / spec.depends_on):
         raise MkdError(f"run {spec.id} needs teacher run {spec.depends_on}, which is not done; run it first "
                        f"(mkd ablate ... --only {spec.depends_on})")  # fmt: skip
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(runs_dir, spec.id):
+        if is_done(run_dir):  # another process finished it between the check above and the lock
+            return "done"
+        return _train_and_evaluate(spec, runs_dir, run_dir, data_dir, device, resume)
+
+
+def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, device, resume) -> str:
+    from mkd.bundle import last_checkpoint, run_bundle
+    from mkd.evaluation import evaluate_checkpoint
+    from mkd.utils import atomic_dir, write_json
+
     t0 = time.perf_counter()
     train = True
     resume_now = False

@@ -203,3 +203,51 @@ def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
     assert res.exit_code == 0, res.output
     figures = {p.name for p in (runs / "report" / "figures").glob("*.png")}
     assert "qualitative_KD_T1_S1_B+PMD.png" in figures and "reconstruction_T1.png" in figures
+
+
+def test_run_lock_blocks_a_second_process_and_takes_over_a_dead_ones(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mkd.ablation import run_lock
+
+    with run_lock(tmp_path, "student-s1-f0.5-seed0") as lock:
+        owner = json.loads(lock.read_text())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        with pytest.raises(MkdError) as err, run_lock(tmp_path, "student-s1-f0.5-seed0"):
+            pass
+        assert str(err.value).startswith(
+            f"{lock}: run student-s1-f0.5-seed0 is being run by pid {os.getpid()} on {socket.gethostname()} since "
+        )
+        assert lock.is_file()  # the refused second holder did not remove the first one's lock
+    assert not lock.exists()  # released when the block ends
+    # a lock left by a process that has exited (a killed job) is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier"}))
+    with run_lock(tmp_path, "student-s1-f0.5-seed0"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # a lock from another host cannot be checked from here: it is reported, not broken
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "earlier"}))
+    with pytest.raises(MkdError, match="is being run by pid 1 on elsewhere since earlier"):
+        with run_lock(tmp_path, "student-s1-f0.5-seed0"):
+            pass
+    assert lock.is_file()
+
+
+def test_a_locked_run_is_refused_before_its_folder_is_touched(tmp_path):
+    from mkd.ablation import execute_run
+
+    grid = expand_grid(SMALL)
+    spec = grid["student-s1-f0.5-seed0"]
+    runs = tmp_path / "runs"
+    (runs / spec.id).mkdir(parents=True)
+    (runs / spec.id / "half-written.txt").write_text("another process is training this run")
+    (runs / f"{spec.id}.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "started": "09:00"}))
+    assert run_status(grid, runs)[spec.id] == "running"
+    with pytest.raises(
+        MkdError, match=r"student-s1-f0\.5-seed0\.lock: run student-s1-f0\.5-seed0 is being run by pid 4242 on node7"
+    ):
+        execute_run(spec, runs, tmp_path / "no-data-needed")
+    assert (runs / spec.id / "half-written.txt").is_file()  # not deleted as a "half-finished run"
