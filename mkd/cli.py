@@ -801,9 +801,11 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(),
-              help="CT volume: NIfTI file (.nii/.nii.gz), DICOM series folder, or ITK-readable file.")  # fmt: skip
-@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Mask to write (.nii or .nii.gz): uint8, the input's shape, affine and voxel order.")  # fmt: skip
+              help="CT volume: NIfTI file (.nii/.nii.gz), DICOM series folder, or ITK-readable file; "
+                   "or a folder of NIfTI files (one mask each).")  # fmt: skip
+@click.option("--output", "output_path", required=True, type=click.Path(),
+              help="Mask to write (.nii or .nii.gz): uint8, the input's shape, affine and voxel order; "
+                   "for a folder --input, the folder the masks go to (same file names).")  # fmt: skip
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Prepared dataset whose prepare.json gives the preprocessing (window, channels, ...).")  # fmt: skip
 @click.option("--window", default=None, help="HU window LOW,HIGH or 'max'  [default: checkpoint, --data, else -57,164]")
@@ -816,16 +818,19 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
 @click.option("--lcc", is_flag=True, help="Keep only the largest 3D connected component of the mask.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Slices per forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output file(s).")
+@click.option("--skip-existing", is_flag=True,
+              help="Folder input: keep masks that already exist (continue an interrupted batch).")  # fmt: skip
 @_user_errors
 def infer(checkpoint, input_path, output_path, data_dir, window, channels, spacing, size, lcc, batch_size, device,
-          overwrite):  # fmt: skip
-    """Segment a CT volume with CHECKPOINT and write the mask (see docs/infer.md).
+          overwrite, skip_existing):  # fmt: skip
+    """Segment a CT volume (or a folder of them) with CHECKPOINT and write the mask(s) (see docs/infer.md).
 
     \b
     Examples:
       mkd infer runs/distill-s1-bn/models/model.pt --input ct.nii.gz --output ct_spleen.nii.gz --data mkd_data
       mkd infer model.pt --input dicom/series_3/ --output series_3_spleen.nii.gz --lcc
+      mkd infer model.pt --input imagesTs/ --output predictions/ --skip-existing
     """
     import math
     from pathlib import Path
@@ -842,10 +847,14 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
     if spacing is not None and spacing.strip().lower() not in ("none", "native"):
         spacing_v = _prepare_floats(spacing, 3, "--spacing")
     output = Path(output_path)
-    if output.exists() and not overwrite:
-        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
 
-    from mkd.inference import Segmenter
+    from mkd.inference import Segmenter, check_folder_job, is_volume_folder
+
+    batch = is_volume_folder(input_path)
+    if batch:
+        check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
+    elif output.exists() and not overwrite:
+        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,
@@ -854,6 +863,19 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
         if isinstance(err, MkdError):
             raise
         raise click.UsageError(str(err)) from None
+    if batch:
+        click.echo(f"preprocessing: {seg.settings.describe()}")
+        done = seg.segment_folder(input_path, output, overwrite=overwrite, skip_existing=skip_existing,
+                                  progress=click.echo)  # fmt: skip
+        seconds = sum(r.seconds for r in done.written)
+        click.echo(f"wrote {len(done.written)} masks to {output} ({seconds:.1f} s), {len(done.skipped)} kept, "
+                   f"{len(done.failed)} failed")  # fmt: skip
+        if done.failed:
+            for err in done.failed.values():
+                click.echo(f"  failed: {err}", err=True)
+            raise MkdError(f"{len(done.failed)} of {len(done.failed) + len(done.written) + len(done.skipped)} "
+                           f"volumes in {input_path} failed; see above")  # fmt: skip
+        return
     result = seg.segment_to_file(input_path, output, overwrite=overwrite)
     click.echo(f"preprocessing: {seg.settings.describe()}")
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())

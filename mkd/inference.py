@@ -11,6 +11,8 @@ foreground probability ``sigmoid(logits)`` is mapped back to the input's voxel g
 and thresholded at 0.5, so the mask has exactly the input's shape, affine and voxel
 order. Optionally only the largest 3D connected component is kept (MONAI
 ``KeepLargestConnectedComponent``). The mask is written atomically as uint8 NIfTI.
+:meth:`Segmenter.segment_folder` does the same for every NIfTI file of a folder
+(nnU-Net's folder-in, folder-out convention, masks under the input file names).
 
 Example:
     >>> from mkd.inference import Segmenter  # doctest: +SKIP
@@ -27,7 +29,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,10 @@ __all__ = [
     "Volume",
     "Preprocessed",
     "Segmenter",
+    "FolderResult",
+    "find_volumes",
+    "check_folder_job",
+    "is_volume_folder",
     "resolve_settings",
     "load_volume",
     "preprocess",
@@ -250,7 +256,8 @@ def _check_dicom_folder(path: Path) -> None:
     scan.SetDirectory(str(path))
     uids = list(scan.GetSeriesUIDs())
     if not uids:
-        raise InputError(path, "no DICOM series in this folder; expected a NIfTI file or one DICOM series folder")
+        expected = "expected a NIfTI file, a folder of NIfTI files or one DICOM series folder"
+        raise InputError(path, f"no DICOM series in this folder; {expected}")
     if len(uids) > 1:
         raise InputError(path, f"holds {len(uids)} DICOM series; pass a folder with one series")
 
@@ -620,6 +627,101 @@ class Segmenter:
         result.output = output
         logger.info("%s -> %s: %d slices, %.2f s", input, output, result.slices, result.seconds)
         return result
+
+    def segment_folder(
+        self,
+        input_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        overwrite: bool = False,
+        skip_existing: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> FolderResult:
+        """Segment every NIfTI volume in ``input_dir`` into ``output_dir`` under the same file name.
+
+        The folder convention of nnU-Net's predictor: ``CASE.nii.gz`` in, ``CASE.nii.gz``
+        (the mask) out. Outputs that already exist are an error before anything runs,
+        unless ``overwrite`` (replace them) or ``skip_existing`` (leave them; for
+        continuing an interrupted batch). A volume that cannot be read or segmented does
+        not stop the others: its one-line error is collected in :attr:`FolderResult.failed`
+        and no file is written for it (each mask is written atomically).
+
+        Raises:
+            InputError: ``input_dir`` holds no NIfTI file, ``output_dir`` is the input folder
+                or a file, or outputs exist without ``overwrite`` / ``skip_existing``.
+        """
+        say = progress or logger.info
+        input_dir, output_dir = Path(input_dir), Path(output_dir)
+        volumes = check_folder_job(input_dir, output_dir, overwrite, skip_existing)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result = FolderResult()
+        for i, volume in enumerate(volumes, 1):
+            out = output_dir / volume.name
+            if out.exists() and skip_existing and not overwrite:
+                result.skipped.append(out)
+                say(f"[{i}/{len(volumes)}] {volume.name}: exists, skipped")
+                continue
+            try:
+                one = self.segment_to_file(volume, out, overwrite=True)
+            except InputError as err:
+                result.failed[volume] = str(err)
+                say(f"[{i}/{len(volumes)}] {volume.name}: FAILED: {err}")
+                continue
+            result.written.append(one)
+            say(f"[{i}/{len(volumes)}] {volume.name}: {one.foreground} foreground voxels, {one.seconds:.2f} s")
+        return result
+
+
+def check_folder_job(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, skip_existing: bool = False
+) -> list[Path]:
+    """The volumes of a folder job, after checking it can run (see :meth:`Segmenter.segment_folder`).
+
+    Raises:
+        InputError / MkdError: as :meth:`Segmenter.segment_folder`.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    volumes = find_volumes(input_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(output_dir, "is a file; with a folder --input, --output must be a folder")
+    if output_dir.resolve() == input_dir.resolve():
+        raise InputError(output_dir, "output folder is the input folder; masks would overwrite the CTs")
+    existing = [output_dir / v.name for v in volumes if (output_dir / v.name).exists()]
+    if existing and not (overwrite or skip_existing):
+        raise MkdError(
+            f"{existing[0]}: output already exists ({len(existing)} of {len(volumes)} in {output_dir}); "
+            "pass --overwrite to replace them or --skip-existing to keep them"
+        )
+    return volumes
+
+
+def find_volumes(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files (``.nii``, ``.nii.gz``) directly in ``folder``, sorted by name.
+
+    Raises:
+        InputError: ``folder`` is missing or holds no NIfTI file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder")
+    found = sorted(p for p in folder.iterdir() if p.is_file() and _is_nifti(p))
+    if not found:
+        raise InputError(folder, "no NIfTI file (.nii, .nii.gz) in this folder")
+    return found
+
+
+def is_volume_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of NIfTI volumes (batch input), not one DICOM series."""
+    path = Path(path)
+    return path.is_dir() and any(p.is_file() and _is_nifti(p) for p in path.iterdir())
+
+
+@dataclass
+class FolderResult:
+    """What :meth:`Segmenter.segment_folder` did: masks written, outputs kept, inputs that failed."""
+
+    written: list[InferenceResult] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
 
 
 def infer(

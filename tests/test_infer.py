@@ -311,3 +311,74 @@ def test_output_rules_and_atomic_write(s1_ckpt, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         Segmenter(s1_ckpt, device="cpu").segment_to_file(ct, tmp_path / "w" / "mask.nii.gz")
     assert list((tmp_path / "w").iterdir()) == []
+
+
+# --- a folder of volumes --------------------------------------------------------------------------
+
+
+def _small_ct(path: Path, shape, zooms, seed) -> Path:
+    """A small CT-like volume: air, soft tissue (40 HU) and a bright block (200 HU)."""
+    rng = np.random.default_rng(seed)
+    data = np.full(shape, -1000.0, np.float32)
+    data[2:-2, 2:-2, :] = 40.0 + rng.normal(0, 10, (shape[0] - 4, shape[1] - 4, shape[2]))
+    data[shape[0] // 3 : shape[0] // 2, shape[1] // 3 : shape[1] // 2, :] = 200.0
+    nib.save(nib.Nifti1Image(data, np.diag([*zooms, 1.0])), path)
+    return path
+
+
+def test_folder_in_folder_out_same_names_geometry_and_masks_as_single_calls(s1_ckpt, tmp_path):
+    cases = tmp_path / "imagesTs"
+    cases.mkdir()
+    a = _small_ct(cases / "case_a.nii.gz", (40, 36, 5), (1.5, 1.5, 3.0), 0)
+    b = _small_ct(cases / "case_b.nii", (32, 32, 4), (2.0, 2.0, 5.0), 1)
+    (cases / "notes.txt").write_text("not a volume: ignored")
+    out = tmp_path / "pred"
+    args = ["infer", str(s1_ckpt), "--input", str(cases), "--output", str(out), "--device", "cpu"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 masks" in r.output and "0 failed" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_b.nii"]
+    seg = Segmenter(s1_ckpt, device="cpu")
+    for src in (a, b):
+        mask, ct = nib.load(out / src.name), nib.load(src)
+        assert mask.shape == ct.shape
+        np.testing.assert_allclose(mask.affine, ct.affine)
+        single = seg.segment_to_file(src, tmp_path / "single" / src.name)
+        np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(nib.load(single.output).dataobj))
+
+    # a second call refuses to touch the masks unless told what to do with them
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {out / 'case_a.nii.gz'}: output already exists (2 of 2")
+    assert "--skip-existing" in lines[0]
+    r = CliRunner().invoke(cli, [*args, "--skip-existing"])
+    assert r.exit_code == 0 and "wrote 0 masks" in r.output and "2 kept" in r.output, r.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_folder_with_a_bad_volume_writes_the_others_and_exits_1(s1_ckpt, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _small_ct(cases / "good.nii.gz", (32, 32, 4), (2.0, 2.0, 5.0), 0)
+    (cases / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "pred"
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", str(cases), "--output", str(out)])
+    assert r.exit_code == 1
+    assert f"{cases / 'broken.nii.gz'}: cannot read" in r.output
+    assert r.output.strip().splitlines()[-1] == f"Error: 1 of 2 volumes in {cases} failed; see above"
+    assert [p.name for p in out.iterdir()] == ["good.nii.gz"]  # nothing half-written for the broken one
+
+
+def test_folder_input_errors(s1_ckpt, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _small_ct(cases / "a.nii.gz", (32, 32, 4), (2.0, 2.0, 5.0), 0)
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", str(cases), "--output", str(cases)])
+    assert r.exit_code == 1 and f"Error: {cases}: output folder is the input folder" in r.output
+    (tmp_path / "file.nii.gz").write_bytes(b"x")
+    r = CliRunner().invoke(
+        cli, ["infer", str(s1_ckpt), "--input", str(cases), "--output", str(tmp_path / "file.nii.gz")]
+    )
+    assert r.exit_code == 1 and "file.nii.gz: is a file; with a folder --input, --output must be a folder" in r.output
