@@ -641,13 +641,16 @@ class Segmenter:
         The folder convention of nnU-Net's predictor: ``CASE.nii.gz`` in, ``CASE.nii.gz``
         (the mask) out. Outputs that already exist are an error before anything runs,
         unless ``overwrite`` (replace them) or ``skip_existing`` (leave them; for
-        continuing an interrupted batch). A volume that cannot be read or segmented does
-        not stop the others: its one-line error is collected in :attr:`FolderResult.failed`
-        and no file is written for it (each mask is written atomically).
+        continuing an interrupted batch). A volume that is not a readable 3D CT (an
+        :class:`InputError` from :func:`load_volume`) does not stop the others: its
+        one-line error is collected in :attr:`FolderResult.failed` and no file is written
+        for it (each mask is written atomically). Other errors (out of memory, a broken
+        network) stop the batch.
 
         Raises:
-            InputError: ``input_dir`` holds no NIfTI file, ``output_dir`` is the input folder
-                or a file, or outputs exist without ``overwrite`` / ``skip_existing``.
+            InputError: ``input_dir`` holds no NIfTI file, or ``output_dir`` is the input
+                folder or a file.
+            MkdError: outputs exist without ``overwrite`` / ``skip_existing``.
         """
         say = progress or logger.info
         input_dir, output_dir = Path(input_dir), Path(output_dir)
