@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,13 @@ def run_bundle(
     parser = compose_config(files, settings)
     ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
     if resume:
-        if last_checkpoint(ckpt_dir) is None:
+        last = last_checkpoint(ckpt_dir)
+        if last is None:
             raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
+        if not zipfile.is_zipfile(last):  # torch.save writes a zip archive; a cut-off one has no directory
+            raise InputError(
+                last, "truncated or not a checkpoint (was the run killed while writing it?); run without --resume"
+            )
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
     check_datalist(dataset_dir, [parser["train_split"], parser["val_split"]])

@@ -190,6 +190,18 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_prepared, tmp_path):
         run_bundle("student", tmp_path / "z", tiny_prepared, resume=True)
 
 
+def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_prepared, tmp_path):
+    models = tmp_path / "z" / "models"
+    models.mkdir(parents=True)
+    (models / "checkpoint_epoch=1.pt").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(InputError) as err:
+        run_bundle("student", tmp_path / "z", tiny_prepared, resume=True)
+    assert str(err.value) == (
+        f"{models / 'checkpoint_epoch=1.pt'}: truncated or not a checkpoint "
+        "(was the run killed while writing it?); run without --resume"
+    )
+
+
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_metadata_has_every_field_the_bundle_schema_requires(name):
     meta = json.loads((bundles_dir() / name / "configs" / "metadata.json").read_text())

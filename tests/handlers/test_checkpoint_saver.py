@@ -1,0 +1,49 @@
+"""AtomicCheckpointSaver: a run killed while writing a checkpoint keeps the previous one whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from mkd.handlers import AtomicCheckpointSaver
+
+
+def _train(tmp_path, monkeypatch, fail_on_save: int):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    # the bundles' last_saver: several objects, one file per epoch, only the newest kept
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net, "optimizer": opt}, save_interval=1, n_saved=1,
+                                  epoch_level=True)  # fmt: skip
+    saver.attach(engine)
+    real_save, calls = torch.save, []
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_on_save:  # half a file, then the process "dies"
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0, 1], max_epochs=5)
+    return net
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    net = _train(tmp_path, monkeypatch, fail_on_save=3)
+    # epochs 1 and 2 were saved (the first then removed, n_saved=1); epoch 3's write died half-way
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_epoch=2.pt"]
+    state = torch.load(tmp_path / "checkpoint_epoch=2.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer"} and torch.equal(state["model"]["weight"], net.weight.detach())
+
+
+def test_fixed_file_names_are_kept(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_final=True, final_filename="final.pt").attach(engine)
+    engine.run([0], max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]
+    assert set(torch.load(tmp_path / "final.pt", weights_only=True)) == {"weight", "bias"}
