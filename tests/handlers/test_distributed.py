@@ -40,8 +40,9 @@ g = torch.Generator().manual_seed(1)
 items = [{"patient": "p0", "slice": i, "image": torch.rand(3, 32, 32, generator=g)} for i in range(6)]
 cache = TeacherCache.build(teacher, student, items, lambda d: d, ["bn"], Path(sys.argv[1]), (32, 32), batch_size=4)
 row = cache.lookup(items[5])["teacher_bn"]
-print("RESULT " + json.dumps({"rank": rank, "grads": grads, "teacher_calls": len(teacher_calls),
-                              "rows": len(cache), "row5": row.flatten()[:4].tolist()}))
+# one file per rank: two processes printing to one pipe can interleave their lines
+Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps({"rank": rank, "grads": grads,
+    "teacher_calls": len(teacher_calls), "rows": len(cache), "row5": row.flatten()[:4].tolist()}))
 dist.destroy_process_group()
 """
 
@@ -51,12 +52,13 @@ def test_two_ranks_average_projector_grads_and_share_one_cache(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cache_dir = tmp_path / "cache"
+    results = tmp_path / "results"
+    results.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(cache_dir)]  # fmt: skip
+           str(cache_dir), str(results)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    found = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
-    by_rank = {r["rank"]: r for r in found}
+    by_rank = {r["rank"]: r for r in (json.loads(f.read_text()) for f in sorted(results.glob("rank*.json")))}
     assert sorted(by_rank) == [0, 1]
     for r in by_rank.values():
         assert r["grads"] == [1.5]  # every gradient is the mean of 1 and 2
