@@ -16,10 +16,11 @@ to float16 rounding with the default ``dtype="float16"``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,27 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 def _item_key(item: Mapping[str, Any]) -> str:
     return f"{item['patient']}:{item['slice']}"
+
+
+@contextlib.contextmanager
+def _rank_zero_first() -> Iterator[bool]:
+    """Under ``torch.distributed``: rank 0 runs the block while the other ranks wait, then they run it.
+
+    Yields whether this process should build (``True`` on rank 0 and without distribution).
+    Every rank holds the whole training list, so several ranks writing one cache
+    directory would race on its temporary files.
+    """
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and dist.get_rank() > 0:
+        dist.barrier()  # until rank 0 has finished its block
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if distributed:
+            dist.barrier()
 
 
 class TeacherCache:
@@ -125,6 +147,9 @@ class TeacherCache:
         the other ranks wait for it and read its files, so ``directory`` must be one that
         every rank sees (one machine, or a shared file system).
         """
+        from mkd.networks import FeatureRecorder, feature_shapes
+        from mkd.networks.projector import match_spatial
+
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         directory = Path(directory)
@@ -142,91 +167,58 @@ class TeacherCache:
             )
         )
         index_file = directory / "index.json"
-        # Under DDP every rank holds the whole training list: rank 0 builds the cache
-        # while the others wait at a barrier, then they all read the same files
-        # (several ranks writing one directory would race on the temporary files).
-        dist = torch.distributed
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed and dist.get_rank() > 0:
-            dist.barrier()
-            if not (index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta):
-                raise RuntimeError(f"rank {dist.get_rank()}: rank 0 did not write the teacher cache {directory}")
-            return cls(directory)
-        try:
-            return cls._build(teacher, student, data, transform, scales, directory, image_size, logits, pool,
-                              dtype, batch_size, device, meta)  # fmt: skip
-        finally:
-            if distributed:
-                dist.barrier()
+        with _rank_zero_first() as builds:
+            if not builds:  # another rank built it
+                if not (index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta):
+                    raise RuntimeError(f"rank 0 did not write the teacher cache {directory}")
+                return cls(directory)
+            if index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta:
+                logger.info("reusing teacher cache %s", directory)
+                return cls(directory)
 
-    @classmethod
-    def _build(
-        cls,
-        teacher: torch.nn.Module,
-        student: torch.nn.Module,
-        data: Sequence[Mapping[str, Any]],
-        transform: Callable,
-        scales: Sequence[str],
-        directory: Path,
-        image_size: Sequence[int],
-        logits: bool,
-        pool: bool,
-        dtype: str,
-        batch_size: int,
-        device: torch.device | str,
-        meta: dict[str, Any],
-    ) -> TeacherCache:
-        from mkd.networks import FeatureRecorder, feature_shapes
-        from mkd.networks.projector import match_spatial
-
-        index_file = directory / "index.json"
-        if index_file.is_file() and json.loads(index_file.read_text()).get("meta") == meta:
-            logger.info("reusing teacher cache %s", directory)
-            return cls(directory)
-
-        targets = {s: shape[1:] for s, shape in feature_shapes(student, tuple(image_size), list(scales)).items()}
-        names = list(scales) + (["logits"] if logits else [])
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.lib.format.open_memmap] = {}
-        teacher.eval()
-        had_reconstruct = getattr(teacher, "reconstruct", None)
-        if had_reconstruct is not None:
-            teacher.reconstruct = False  # the reconstruction decoder is not needed for distillation
-        rows: dict[str, int] = {}
-        try:
-            with FeatureRecorder(teacher, list(scales), detach=True) as recorder, torch.no_grad():
-                for start in range(0, len(data), batch_size):
-                    items = data[start : start + batch_size]
-                    images = torch.stack([torch.as_tensor(transform(dict(it))["image"]) for it in items])
-                    with recorder.recording():
-                        out = teacher(images.to(device))
-                    values = {s: match_spatial(recorder.features[s].float(), targets[s]) for s in scales}
-                    if pool:
-                        values = {s: v.mean(dim=tuple(range(2, v.ndim)), keepdim=True) for s, v in values.items()}
-                    if logits:
-                        values["logits"] = out.float()
-                    for name, v in values.items():
-                        if name not in arrays:
-                            arrays[name] = np.lib.format.open_memmap(
-                                directory / f"{name}.npy.tmp", mode="w+", dtype=_DTYPES[dtype],
-                                shape=(len(data), *v.shape[1:]),
-                            )  # fmt: skip
-                        arrays[name][start : start + len(items)] = v.cpu().numpy().astype(_DTYPES[dtype])
-                    for offset, it in enumerate(items):
-                        rows[_item_key(it)] = start + offset
-        finally:
+            targets = {s: shape[1:] for s, shape in feature_shapes(student, tuple(image_size), list(scales)).items()}
+            names = list(scales) + (["logits"] if logits else [])
+            directory.mkdir(parents=True, exist_ok=True)
+            arrays: dict[str, np.lib.format.open_memmap] = {}
+            teacher.eval()
+            had_reconstruct = getattr(teacher, "reconstruct", None)
             if had_reconstruct is not None:
-                teacher.reconstruct = had_reconstruct
-        for name, arr in arrays.items():
-            arr.flush()
-            del arr
-            os.replace(directory / f"{name}.npy.tmp", directory / f"{name}.npy")
-        tmp = directory / "index.json.tmp"
-        tmp.write_text(json.dumps({"rows": rows, "names": names, "meta": meta}))
-        os.replace(tmp, index_file)
-        cache = cls(directory)
-        logger.info("teacher cache: %d slices, %.1f MB in %s", len(cache), cache.nbytes() / 1e6, directory)
-        return cache
+                teacher.reconstruct = False  # the reconstruction decoder is not needed for distillation
+            rows: dict[str, int] = {}
+            try:
+                with FeatureRecorder(teacher, list(scales), detach=True) as recorder, torch.no_grad():
+                    for start in range(0, len(data), batch_size):
+                        items = data[start : start + batch_size]
+                        images = torch.stack([torch.as_tensor(transform(dict(it))["image"]) for it in items])
+                        with recorder.recording():
+                            out = teacher(images.to(device))
+                        values = {s: match_spatial(recorder.features[s].float(), targets[s]) for s in scales}
+                        if pool:
+                            values = {s: v.mean(dim=tuple(range(2, v.ndim)), keepdim=True) for s, v in values.items()}
+                        if logits:
+                            values["logits"] = out.float()
+                        for name, v in values.items():
+                            if name not in arrays:
+                                arrays[name] = np.lib.format.open_memmap(
+                                    directory / f"{name}.npy.tmp", mode="w+", dtype=_DTYPES[dtype],
+                                    shape=(len(data), *v.shape[1:]),
+                                )  # fmt: skip
+                            arrays[name][start : start + len(items)] = v.cpu().numpy().astype(_DTYPES[dtype])
+                        for offset, it in enumerate(items):
+                            rows[_item_key(it)] = start + offset
+            finally:
+                if had_reconstruct is not None:
+                    teacher.reconstruct = had_reconstruct
+            for name, arr in arrays.items():
+                arr.flush()
+                del arr
+                os.replace(directory / f"{name}.npy.tmp", directory / f"{name}.npy")
+            tmp = directory / "index.json.tmp"
+            tmp.write_text(json.dumps({"rows": rows, "names": names, "meta": meta}))
+            os.replace(tmp, index_file)
+            cache = cls(directory)
+            logger.info("teacher cache: %d slices, %.1f MB in %s", len(cache), cache.nbytes() / 1e6, directory)
+            return cache
 
 
 class LoadTeacherCached(MapTransform):
