@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ignite.engine import Engine
@@ -22,7 +24,10 @@ def _train(tmp_path, monkeypatch, fail_on_save: int):
     def crashing_save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == fail_on_save:  # half a file, then the process "dies"
-            f.write(b"PK\x03\x04 half a checkpoint")
+            if hasattr(f, "write"):  # an open (temporary) file
+                f.write(b"PK\x03\x04 half a checkpoint")
+            else:  # a path: written in place
+                Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
             raise KeyboardInterrupt("killed while writing")
         return real_save(obj, f, *args, **kwargs)
 
