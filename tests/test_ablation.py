@@ -97,7 +97,7 @@ def test_shipped_grids_mirror_the_thesis_tables():
         assert {"KD(T1,S1) B+PMD", "KD(T2,S1) E+PMD", "KD(T1,S2) B+PMD", "KD(T1,S1) B+E+D MSE",
                 "KD(T1,S1) B (100%)", "S1 (100%)", "U-Net"} <= methods  # fmt: skip
     smoke = load_grid(ROOT / "grids" / "smoke.yaml")
-    assert smoke.count() == {"teacher": 1, "student": 1, "distill": 1}
+    assert smoke.count() == {"teacher": 1, "student": 1, "distill": 2}
 
 
 def _write_grid(tmp_path: Path, config: dict) -> Path:
@@ -151,9 +151,10 @@ def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
     args = ["ablate", str(ROOT / "grids" / "smoke.yaml"), "--runs", str(runs), "--data", str(tiny_prepared)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "ablate: 3 ran, 0 already done, 0 failed" in res.output
+    assert "ablate: 4 ran, 0 already done, 0 failed" in res.output
     folders = sorted(p.name for p in runs.iterdir() if p.is_dir())
-    assert folders == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0", "student-s1-f0.5-seed0", "teacher-t1-seed0"]
+    assert folders == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0", "distill-s1-t1-pmd-contrastive-f0.5-seed0",
+                       "student-s1-f0.5-seed0", "teacher-t1-seed0"]  # fmt: skip
     for name in folders:
         d = runs / name
         assert is_done(d) and (d / "models" / "model.pt").is_file() and (d / "metrics.csv").is_file()
@@ -171,7 +172,7 @@ def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
     before = snapshot()
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "3 runs: 3 done, 0 pending" in res.output and "0 ran, 3 already done" in res.output
+    assert "4 runs: 4 done, 0 pending" in res.output and "0 ran, 4 already done" in res.output
     assert snapshot() == before
     res = CliRunner().invoke(cli, [*args, "--print-commands"])
     assert res.stdout.strip() == ""
@@ -203,6 +204,10 @@ def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
     assert res.exit_code == 0, res.output
     figures = {p.name for p in (runs / "report" / "figures").glob("*.png")}
     assert "qualitative_KD_T1_S1_B+PMD.png" in figures and "reconstruction_T1.png" in figures
+    import pandas as pd
+
+    summary = pd.read_csv(runs / "report" / "summary.csv")
+    assert {"T1", "S1", "KD(T1,S1) B+PMD", "KD(T1,S1) PMD"} <= set(summary["method"])  # PMD alone is a row
 
 
 def test_run_lock_blocks_a_second_process_and_takes_over_a_dead_ones(tmp_path):

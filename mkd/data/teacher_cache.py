@@ -176,7 +176,9 @@ class TeacherCache:
                 logger.info("reusing teacher cache %s", directory)
                 return cls(directory)
 
-            targets = {s: shape[1:] for s, shape in feature_shapes(student, tuple(image_size), list(scales)).items()}
+            # a PMD-only run (no feature scale) stores logits alone: no shape probe is needed
+            shapes = feature_shapes(student, tuple(image_size), list(scales)) if scales else {}
+            targets = {s: shape[1:] for s, shape in shapes.items()}
             names = list(scales) + (["logits"] if logits else [])
             directory.mkdir(parents=True, exist_ok=True)
             arrays: dict[str, np.lib.format.open_memmap] = {}

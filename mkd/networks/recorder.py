@@ -104,6 +104,7 @@ class FeatureRecorder:
         self.paths = resolve_scales(model, scales)
         self.detach = detach
         self._active = False
+        self._closed = False
         self._features: dict[str, Any] = {}
         net = unwrap_model(model)
         modules = dict(net.named_modules())
@@ -127,7 +128,7 @@ class FeatureRecorder:
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, Any]]:
         """Switch recording on for the body; clears previous features on entry. Yields :attr:`features`."""
-        if not self._handles:
+        if self._closed:  # not ``not self._handles``: a recorder of no scale has no hooks but is open
             raise RuntimeError("FeatureRecorder is closed; create a new one")
         self._features = {}
         self._active = True
@@ -156,6 +157,7 @@ class FeatureRecorder:
             handle.remove()
         self._handles = []
         self._active = False
+        self._closed = True
 
     def __enter__(self) -> FeatureRecorder:
         return self
@@ -168,7 +170,7 @@ class FeatureRecorder:
             self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if not self._handles else ("recording" if self._active else "idle")
+        state = "closed" if self._closed else ("recording" if self._active else "idle")
         return f"FeatureRecorder({self.paths}, detach={self.detach}, {state})"
 
 

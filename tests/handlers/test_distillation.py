@@ -130,6 +130,31 @@ def test_cache_and_live_teacher_give_the_same_losses(tmp_path, loss):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
 
 
+def test_pmd_only_cache_gives_the_live_teachers_loss(tmp_path):
+    """``--scales none --pmd``: the cache holds logits only (no recorder, no shape probe) and matches the live run."""
+    items = _items()
+    teacher, student, projector, handler = _setup(scales=(), pmd=True)
+    assert handler.scales == [] and handler.student_recorder is None
+    cache = TeacherCache.build(teacher, student, items, lambda d: d, [], tmp_path / "c", (SIZE, SIZE),
+                               logits=True, dtype="float32", batch_size=3)  # fmt: skip
+    assert cache.names == ["logits"] and len(cache) == len(items)
+    assert cache.lookup(items[0])["teacher_logits"].shape == (1, SIZE, SIZE)
+    live_trainer, live = _trainer(student, projector, items, handler)
+    live_trainer.run()
+    assert handler.live_steps == 2
+
+    _, student2, projector2, handler2 = _setup(scales=(), pmd=True)
+    student2.load_state_dict(student.state_dict())
+    cached_trainer, cached = _trainer(student2, projector2, [LoadTeacherCached(cache)(d) for d in items], handler2)
+    cached_trainer.run()
+    assert handler2.cached_steps == 2 and handler2.live_steps == 0
+    assert [set(r) for r in cached] == [{"loss", "seg", "pmd"}] * 2
+    for a, b in zip(live, cached):
+        assert a["pmd"] > 0
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+
+
 def test_float16_cache_is_close_to_live(tmp_path):
     items = _items(4)
     teacher, student, projector, handler = _setup()

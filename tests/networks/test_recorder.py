@@ -127,3 +127,17 @@ print("ddp-ok")
 def test_recorder_on_ddp_model():
     result = subprocess.run([sys.executable, "-c", DDP_CHILD], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ddp-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_recorder_of_no_scale_records_nothing_until_closed():
+    """PMD-only distillation records no feature: the recorder is open (not 'closed') with zero hooks."""
+    net = build("s1")
+    rec = FeatureRecorder(net, [])
+    with rec.recording() as feats:
+        net(torch.zeros(1, 3, 32, 32))
+    assert feats == {} and rec.features == {} and rec.missing == []
+    assert "idle" in repr(rec)
+    rec.close()
+    with pytest.raises(RuntimeError, match="FeatureRecorder is closed"):
+        with rec.recording():
+            pass
