@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,21 @@ class InfoNCELoss(_Loss):
     ``symmetric`` averages the student→teacher direction with teacher→student (the
     teacher embeddings as anchors, the student ones as candidates).
 
+    ``neighbour_distance = d >= 1`` removes false negatives: slices of one patient a
+    few slices apart are nearly identical, so for every anchor the candidates that
+    come from *another* slice of the *same* patient (``groups``) with
+    ``|z_i - z_j| <= d`` (``positions``) get a logit of ``-inf``: they leave the
+    softmax denominator and are neither positive nor negative. In ``"image"`` mode
+    this masks entries of the ``B x B`` logits (the diagonal, the positive, is never
+    a candidate for masking); in ``"pixel"`` and ``"supervised"`` modes a sampled
+    location inherits the patient and position of its slice, and the locations of
+    the anchor's own slice are left as they are. In ``"supervised"`` mode a
+    candidate of the anchor's class is a positive and is never masked: only
+    different-class neighbours leave the denominator. The mask is symmetric, so
+    ``symmetric=True`` applies it in both directions. An anchor whose negatives are
+    all masked has a loss of exactly 0 (only its positive is left), not NaN.
+    ``d = 0`` (default) switches the mask off and computes the unmasked loss.
+
     Computation is done in float32 with autocast switched off, whatever the input
     dtype. Nothing is detached: gradients reach whatever requires them on either
     side (pass a frozen teacher's features; a teacher-side projector still trains).
@@ -120,15 +136,22 @@ class InfoNCELoss(_Loss):
         reduction: ``"mean"`` (default) or ``"sum"`` over anchors, or ``"none"``
             for the per-anchor losses, shape ``(B,)`` (image) or ``(K,)`` with ``K``
             the number of sampled locations (pixel, supervised).
+        neighbour_distance: mask, as false negatives, the other slices of the same
+            patient at most this many slices away (>= 0; 0, the default, is off).
+            Needs ``groups`` and ``positions`` in :meth:`forward`.
 
     Raises:
         ValueError: for an unknown ``mode`` or ``reduction``, a non-positive
-            ``temperature`` or a ``max_samples`` below 1.
+            ``temperature``, a ``max_samples`` below 1 or a negative or
+            non-integer ``neighbour_distance``.
 
     Example:
         >>> loss = InfoNCELoss(temperature=0.4)
         >>> s, t = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
         >>> loss(s, t).shape
+        torch.Size([])
+        >>> masked = InfoNCELoss(neighbour_distance=2)
+        >>> masked(s, t, groups=["a", "a", "a", "b"], positions=[10, 11, 15, 10]).shape
         torch.Size([])
     """
 
@@ -140,6 +163,7 @@ class InfoNCELoss(_Loss):
         max_samples: int = 1024,
         balance_classes: bool = True,
         reduction: str = "mean",
+        neighbour_distance: int = 0,
     ) -> None:
         super().__init__(reduction=check_reduction(reduction))
         if not temperature > 0:
@@ -148,19 +172,36 @@ class InfoNCELoss(_Loss):
             raise ValueError(f"mode={mode!r} is not supported; expected one of {_MODES}.")
         if int(max_samples) < 1:
             raise ValueError(f"max_samples={max_samples} must be at least 1.")
+        if (
+            isinstance(neighbour_distance, bool)
+            or int(neighbour_distance) != neighbour_distance
+            or neighbour_distance < 0
+        ):
+            raise ValueError(
+                f"neighbour_distance={neighbour_distance!r} must be a non-negative integer (0 switches the mask off)."
+            )
         self.temperature = float(temperature)
         self.mode = mode
         self.symmetric = bool(symmetric)
         self.max_samples = int(max_samples)
         self.balance_classes = bool(balance_classes)
+        self.neighbour_distance = int(neighbour_distance)
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, mode={self.mode!r}, symmetric={self.symmetric}, "
-            f"max_samples={self.max_samples}, reduction={self.reduction!r}"
+            f"max_samples={self.max_samples}, reduction={self.reduction!r}, "
+            f"neighbour_distance={self.neighbour_distance}"
         )
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        groups: Sequence[str | int] | torch.Tensor | None = None,
+        positions: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Compute the loss.
 
         Args:
@@ -170,13 +211,21 @@ class InfoNCELoss(_Loss):
                 ``(B, 1, *spatial_l)`` or ``(B, *spatial_l)``, or one-hot
                 ``(B, C, *spatial_l)`` (argmax over ``C``), with as many spatial dims
                 as the features but any size (resized by nearest neighbour).
+            groups: the patient id of each slice, a sequence of ``B`` strings or
+                integers, or an integer tensor ``(B,)``. Needed when
+                ``neighbour_distance > 0``, ignored otherwise.
+            positions: the slice position ``z`` of each slice, a sequence of ``B``
+                integers or an integer tensor ``(B,)``. Needed when
+                ``neighbour_distance > 0``, ignored otherwise.
 
         Returns:
             a float32 scalar, or the per-anchor losses for ``reduction="none"``.
 
         Raises:
-            ValueError: when the shapes differ or have fewer than 2 dims, or when
-                ``labels`` are missing or inconsistent in supervised mode.
+            ValueError: when the shapes differ or have fewer than 2 dims, when
+                ``labels`` are missing or inconsistent in supervised mode, or when
+                ``neighbour_distance > 0`` and ``groups`` or ``positions`` are
+                missing, not integer or not of length ``B``.
         """
         if student.shape != teacher.shape:
             raise ValueError(
@@ -185,14 +234,68 @@ class InfoNCELoss(_Loss):
             )
         if student.ndim < 2:
             raise ValueError(f"embeddings must be (B, D, *spatial) or (B, D); got shape {tuple(student.shape)}.")
+        slices = None
+        if self.neighbour_distance > 0:
+            slices = self._slice_keys(groups, positions, student.shape[0], student.device)
         with float32_compute(student.device):
             if self.mode == "image":
-                loss = self._image(student, teacher)
+                loss = self._image(student, teacher, slices)
             else:
-                loss = self._locations(student, teacher, labels)
+                loss = self._locations(student, teacher, labels, slices)
         return reduce(loss, self.reduction)
 
-    def _image(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _slice_keys(
+        groups: Sequence[str | int] | torch.Tensor | None,
+        positions: Sequence[int] | torch.Tensor | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer patient codes and slice positions, both ``(B,)`` int64 on ``device``."""
+        if groups is None or positions is None:
+            missing = [name for name, v in (("groups", groups), ("positions", positions)) if v is None]
+            raise ValueError(
+                "the neighbour mask (neighbour_distance > 0) needs the batch's patient ids (groups) and slice "
+                f"positions (positions); got {' and '.join(missing)}=None."
+            )
+        if isinstance(groups, torch.Tensor):
+            if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+                raise ValueError(f"groups must be an integer tensor or a sequence of ids; got dtype {groups.dtype}.")
+            codes = groups.detach().reshape(-1).long()
+            given = tuple(groups.shape)
+        else:
+            index: dict = {}  # patient id -> code, one pass over the B slices
+            items = [g.item() if isinstance(g, torch.Tensor) else g for g in groups]
+            codes = torch.tensor([index.setdefault(g, len(index)) for g in items], dtype=torch.long)
+            given = (len(items),)
+        z = torch.as_tensor(positions).detach()
+        if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+            raise ValueError(f"positions must be integer slice indices; got dtype {z.dtype}.")
+        if given != (batch_size,) or tuple(z.shape) != (batch_size,):
+            raise ValueError(
+                f"groups and positions must have one entry per slice, shape ({batch_size},); "
+                f"got {given} and {tuple(z.shape)}."
+            )
+        return codes.to(device), z.long().to(device)
+
+    def _neighbours(
+        self, slices: tuple[torch.Tensor, torch.Tensor] | None, slice_index: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``(K, K)`` bool mask: candidate ``j`` is a neighbouring slice of anchor ``i``'s (false negative).
+
+        ``slice_index`` gives the batch slice of each of the ``K`` anchors/candidates.
+        """
+        if slices is None:
+            return None
+        codes, z = slices[0][slice_index], slices[1][slice_index]
+        same_patient = codes[:, None] == codes[None, :]
+        close = (z[:, None] - z[None, :]).abs() <= self.neighbour_distance
+        other_slice = slice_index[:, None] != slice_index[None, :]
+        return same_patient & close & other_slice
+
+    def _image(
+        self, student: torch.Tensor, teacher: torch.Tensor, slices: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if student.shape[0] == 1:
             warnings.warn(
                 "InfoNCELoss(mode='image') got a batch of 1: there are no negatives and the loss is 0; "
@@ -201,9 +304,16 @@ class InfoNCELoss(_Loss):
             )
         s = student.float().flatten(2).mean(2) if student.ndim > 2 else student.float()
         t = teacher.float().flatten(2).mean(2) if teacher.ndim > 2 else teacher.float()
-        return self._contrast(s, t, positives=None)
+        mask = self._neighbours(slices, torch.arange(s.shape[0], device=s.device))
+        return self._contrast(s, t, positives=None, mask=mask)
 
-    def _locations(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _locations(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        slices: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         b, d = student.shape[:2]
         s = student.reshape(b, d, -1)  # (B, D, N)
         t = teacher.reshape(b, d, -1)
@@ -225,7 +335,7 @@ class InfoNCELoss(_Loss):
         if classes is not None:
             c = classes[idx]
             positives = c[:, None] == c[None, :]
-        return self._contrast(s_emb, t_emb, positives)
+        return self._contrast(s_emb, t_emb, positives, mask=self._neighbours(slices, bi))
 
     def _classes(self, labels: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
         """Class index per feature location, ``(B, *spatial)`` int64."""
@@ -254,11 +364,27 @@ class InfoNCELoss(_Loss):
             raise ValueError(f"labels must be non-negative class indices; got minimum {int(lab.min())}.")
         return lab.to(features.device)
 
-    def _contrast(self, s: torch.Tensor, t: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
-        """Per-anchor InfoNCE between rows of ``s`` and ``t`` (both ``(K, D)``)."""
+    def _contrast(
+        self,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        positives: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-anchor InfoNCE between rows of ``s`` and ``t`` (both ``(K, D)``).
+
+        ``mask`` (``(K, K)`` bool, symmetric, ``False`` on the diagonal) marks the
+        candidates taken out of each anchor's softmax; positives are never masked.
+        """
         s = F.normalize(s, dim=1)
         t = F.normalize(t, dim=1)
         logits = s @ t.t() / self.temperature  # (K, K): anchor s_i against candidate t_j
+        if mask is not None:
+            if positives is not None:
+                mask = mask & ~positives
+            # -inf leaves the softmax; the diagonal (the anchor's own positive) is never masked,
+            # so every row keeps a finite entry and its logsumexp is finite
+            logits = logits.masked_fill(mask, float("-inf"))
         if positives is None:
             target = torch.arange(logits.shape[0], device=logits.device)
             loss = F.cross_entropy(logits, target, reduction="none")
@@ -266,12 +392,14 @@ class InfoNCELoss(_Loss):
                 loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
             return loss
         pos = positives.to(logits.dtype)
-        loss = self._supcon(logits, pos)
+        loss = self._supcon(logits, pos, masked=mask is not None)
         if self.symmetric:
-            loss = 0.5 * (loss + self._supcon(logits.t(), pos.t()))
+            loss = 0.5 * (loss + self._supcon(logits.t(), pos.t(), masked=mask is not None))
         return loss
 
     @staticmethod
-    def _supcon(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _supcon(logits: torch.Tensor, pos: torch.Tensor, masked: bool = False) -> torch.Tensor:
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        if masked:  # masked entries are -inf and never positives: keep -inf * 0 from giving NaN
+            log_prob = log_prob.masked_fill(pos == 0, 0.0)
         return -(log_prob * pos).sum(1) / pos.sum(1)

@@ -203,3 +203,211 @@ def test_invalid_arguments():
         InfoNCELoss(max_samples=0)
     with pytest.raises(ValueError, match="same shape"):
         InfoNCELoss()(torch.randn(2, 4), torch.randn(2, 5))
+
+
+# --- false-negative masking of neighbouring slices (neighbour_distance) -------------------
+# Hand example (tau = 0.5), unit vectors at known angles (the student is scaled by 2 to
+# exercise the normalisation):
+#   student s0, s1, s2 at 0, 90, 180 degrees;  teacher t0, t1, t2 at 0, 60, 270 degrees
+#   cosines s.t^T = [[1, 1/2, 0], [0, sqrt3/2, -1], [-1, -1/2, 0]]
+#   logits (/ 0.5)  = [[2, 1, 0], [0, sqrt3, -2], [-2, -1, 0]]
+# slices 0 and 1: patient "a" at z 10 and 11; slice 2: patient "b" at z 10.
+# With neighbour_distance=1, candidate 1 leaves anchor 0's denominator and candidate 0 anchor 1's.
+R3 = math.sqrt(3.0)
+S3 = 2.0 * torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+T3 = torch.tensor([[1.0, 0.0], [0.5, R3 / 2], [0.0, -1.0]])
+GROUPS3, Z3 = ["a", "a", "b"], [10, 11, 10]
+
+
+def _lse(*xs: float) -> float:
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+def test_neighbour_mask_image_mode_matches_hand_computation():
+    expected = [
+        _lse(2.0, 0.0) - 2.0,  # anchor 0: row [2, (1), 0], candidate 1 masked
+        _lse(R3, -2.0) - R3,  # anchor 1: row [(0), sqrt3, -2], candidate 0 masked
+        _lse(-2.0, -1.0, 0.0),  # anchor 2 (patient b): nothing masked
+    ]
+    loss = InfoNCELoss(temperature=0.5, reduction="none", neighbour_distance=1)
+    assert loss(S3, T3, groups=GROUPS3, positions=Z3).tolist() == pytest.approx(expected, abs=1e-6)
+    # unmasked, for contrast: anchor 0 keeps candidate 1
+    plain = InfoNCELoss(temperature=0.5, reduction="none")(S3, T3)
+    assert plain.tolist() == pytest.approx([_lse(2.0, 1.0, 0.0) - 2.0, _lse(0.0, R3, -2.0) - R3, expected[2]], abs=1e-6)
+    # integer ids, tensors and a larger distance give the same mask
+    for groups, z in [([7, 7, 3], torch.tensor(Z3)), (torch.tensor([0, 0, 1]), Z3)]:
+        other = InfoNCELoss(temperature=0.5, reduction="none", neighbour_distance=5)(S3, T3, groups=groups, positions=z)
+        assert other.tolist() == pytest.approx(expected, abs=1e-6)
+    # symmetric: columns [2, (0), -2] target 0, [(1), sqrt3, -1] target 1, [0, -2, 0] target 2
+    cols = [_lse(2.0, -2.0) - 2.0, _lse(R3, -1.0) - R3, _lse(0.0, -2.0, 0.0)]
+    sym = InfoNCELoss(temperature=0.5, reduction="none", symmetric=True, neighbour_distance=1)
+    out = sym(S3, T3, groups=GROUPS3, positions=Z3)
+    assert out.tolist() == pytest.approx([(r + c) / 2 for r, c in zip(expected, cols)], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["image", "pixel", "supervised"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_neighbour_distance_zero_is_the_unmasked_loss(mode, symmetric):
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    labels = torch.randint(0, 2, (4, 1, 3, 3))
+    kw = dict(mode=mode, symmetric=symmetric, max_samples=20, reduction="none")
+    torch.manual_seed(1)
+    ref = InfoNCELoss(**kw)(s, t, labels)
+    torch.manual_seed(1)
+    off = InfoNCELoss(neighbour_distance=0, **kw)(s, t, labels, groups=["a"] * 4, positions=[0, 1, 2, 3])
+    assert torch.equal(off, ref)
+    torch.manual_seed(1)
+    assert torch.equal(InfoNCELoss(neighbour_distance=0, **kw)(s, t, labels), ref)  # ids not needed when off
+
+
+@pytest.mark.parametrize("mode", ["image", "pixel", "supervised"])
+def test_distance_below_the_slice_gap_masks_nothing(mode):
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 8, 2, 2), torch.randn(3, 8, 2, 2)
+    labels = torch.randint(0, 2, (3, 1, 2, 2))
+    ref = InfoNCELoss(mode=mode, max_samples=100, reduction="none")(s, t, labels)
+    # same patient, slices 3 apart: a distance of 2 does not reach them
+    out = InfoNCELoss(mode=mode, max_samples=100, reduction="none", neighbour_distance=2)(
+        s, t, labels, groups=["a", "a", "a"], positions=[0, 3, 6]
+    )
+    assert torch.equal(out, ref)
+    near = InfoNCELoss(mode=mode, max_samples=100, reduction="none", neighbour_distance=3)(
+        s, t, labels, groups=["a", "a", "a"], positions=[0, 3, 6]
+    )
+    assert not torch.allclose(near, ref)
+
+
+def _brute_force(s, t, groups, z, d, tau, classes=None, symmetric=False):
+    """Reference with explicit loops: every location of a (B, D, H, W) map is an anchor."""
+    b, dim = s.shape[:2]
+    n = s[0, 0].numel()
+    se = torch.nn.functional.normalize(s.reshape(b, dim, n).permute(0, 2, 1).reshape(b * n, dim).double(), dim=1)
+    te = torch.nn.functional.normalize(t.reshape(b, dim, n).permute(0, 2, 1).reshape(b * n, dim).double(), dim=1)
+    cls = None if classes is None else classes.reshape(-1).tolist()
+
+    def one_direction(anchors, candidates):
+        out = []
+        for i in range(b * n):
+            pos, denom = [], []
+            for j in range(b * n):
+                logit = float(anchors[i] @ candidates[j]) / tau
+                positive = (j == i) if cls is None else (cls[j] == cls[i])
+                bi, bj = i // n, j // n
+                neighbour = bi != bj and groups[bi] == groups[bj] and abs(z[bi] - z[bj]) <= d
+                if neighbour and not positive:
+                    continue
+                denom.append(logit)
+                if positive:
+                    pos.append(logit)
+            lse = math.log(sum(math.exp(x) for x in denom))
+            out.append(-sum(p - lse for p in pos) / len(pos))
+        return out
+
+    loss = one_direction(se, te)
+    if symmetric:
+        loss = [(a + c) / 2 for a, c in zip(loss, one_direction(te, se))]
+    return loss
+
+
+# patient p1 at z 0, 1, 5 (slices 0, 1, 3) and patient p2 at z 1 (slice 2); with d = 2
+# slices 0 and 1 are neighbours, slice 3 is too far and slice 2 is another patient
+GROUPS4, Z4 = ["p1", "p1", "p2", "p1"], [0, 1, 1, 5]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_neighbour_mask_pixel_mode_matches_brute_force(symmetric):
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    loss = InfoNCELoss(temperature=0.5, mode="pixel", symmetric=symmetric, max_samples=1000, reduction="none")
+    masked = InfoNCELoss(
+        temperature=0.5, mode="pixel", symmetric=symmetric, max_samples=1000, reduction="none", neighbour_distance=2
+    )
+    out = masked(s, t, groups=GROUPS4, positions=Z4)
+    expected = _brute_force(s, t, GROUPS4, Z4, d=2, tau=0.5, symmetric=symmetric)
+    assert out.shape == (16,)
+    assert out.tolist() == pytest.approx(expected, abs=1e-5)
+    # the mask changed slices 0 and 1 only
+    plain = loss(s, t)
+    assert torch.allclose(out[8:], plain[8:]) and not torch.allclose(out[:8], plain[:8])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_neighbour_mask_supervised_mode_matches_brute_force(symmetric):
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    labels = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0], [1, 1, 0, 1]]).reshape(4, 1, 2, 2)
+    masked = InfoNCELoss(
+        temperature=0.5,
+        mode="supervised",
+        symmetric=symmetric,
+        max_samples=1000,
+        reduction="none",
+        neighbour_distance=2,
+    )
+    out = masked(s, t, labels, groups=GROUPS4, positions=Z4)
+    expected = _brute_force(s, t, GROUPS4, Z4, d=2, tau=0.5, classes=labels, symmetric=symmetric)
+    assert out.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_supervised_mode_never_masks_a_positive():
+    # a single class: every candidate is a positive of every anchor, so the mask has nothing
+    # to take out, even though all slices are neighbours of one patient
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    labels = torch.zeros(3, 1, 2, 2, dtype=torch.long)
+    ref = InfoNCELoss(mode="supervised", max_samples=1000, reduction="none")(s, t, labels)
+    out = InfoNCELoss(mode="supervised", max_samples=1000, reduction="none", neighbour_distance=10)(
+        s, t, labels, groups=["a"] * 3, positions=[0, 1, 2]
+    )
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["image", "pixel", "supervised"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_all_negatives_masked_gives_zero_and_finite_gradients(mode, symmetric):
+    # two slices of one location each, neighbours of one patient, of different classes:
+    # each anchor keeps only its own positive, so its loss is -log 1 = 0
+    student = torch.randn(2, 4, 1, 1, requires_grad=True)
+    teacher = torch.randn(2, 4, 1, 1, requires_grad=True)
+    labels = torch.tensor([0, 1]).reshape(2, 1, 1, 1)
+    loss = InfoNCELoss(mode=mode, symmetric=symmetric, reduction="none", neighbour_distance=1)
+    out = loss(student, teacher, labels, groups=["a", "a"], positions=torch.tensor([4, 5]))
+    assert out.tolist() == [0.0, 0.0]
+    out.sum().backward()
+    assert torch.isfinite(student.grad).all() and torch.isfinite(teacher.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["image", "pixel", "supervised"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradients_reach_student_with_neighbour_mask(mode, symmetric):
+    torch.manual_seed(0)
+    student = torch.randn(4, 8, 3, 3, requires_grad=True)
+    teacher = torch.randn(4, 8, 3, 3)
+    labels = torch.randint(0, 2, (4, 1, 3, 3))
+    loss = InfoNCELoss(mode=mode, symmetric=symmetric, max_samples=30, neighbour_distance=2)
+    out = loss(student, teacher, labels, groups=GROUPS4, positions=Z4)
+    assert out.ndim == 0 and torch.isfinite(out)
+    out.backward()
+    assert torch.isfinite(student.grad).all() and torch.count_nonzero(student.grad) > 0
+
+
+def test_neighbour_mask_invalid_arguments():
+    with pytest.raises(ValueError, match="neighbour_distance=-1"):
+        InfoNCELoss(neighbour_distance=-1)
+    with pytest.raises(ValueError, match="neighbour_distance=1.5"):
+        InfoNCELoss(neighbour_distance=1.5)
+    loss = InfoNCELoss(neighbour_distance=1)
+    s = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="needs the batch's patient ids .* got groups=None"):
+        loss(s, s, positions=Z3)
+    with pytest.raises(ValueError, match="needs the batch's patient ids .* got positions=None"):
+        loss(s, s, groups=GROUPS3)
+    with pytest.raises(ValueError, match="groups and positions=None"):
+        InfoNCELoss(mode="pixel", neighbour_distance=1)(s, s)
+    with pytest.raises(ValueError, match=r"one entry per slice, shape \(3,\); got \(2,\)"):
+        loss(s, s, groups=["a", "b"], positions=Z3)
+    with pytest.raises(ValueError, match="positions must be integer"):
+        loss(s, s, groups=GROUPS3, positions=[10.0, 11.5, 10.0])
+    with pytest.raises(ValueError, match="groups must be an integer tensor"):
+        loss(s, s, groups=torch.tensor([0.0, 0.0, 1.0]), positions=Z3)
