@@ -7,11 +7,21 @@ from __future__ import annotations
 
 from mkd.data.decathlon import Case, Task, download_task, extract_task, locate_task, read_task, verify_md5
 from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, PHANTOM_TASK, phantom_case, write_phantom
-from mkd.data.prepare import PrepareSummary, load_manifest, load_prepare_info, load_split, prepare_dataset
+from mkd.data.prepare import (
+    LOAD_SPLITS,
+    UNLABELLED_KEY,
+    PrepareSummary,
+    load_manifest,
+    load_prepare_info,
+    load_split,
+    prepare_dataset,
+)
 from mkd.data.split import read_split_file, split_patients, student_subset
 from mkd.data.teacher_cache import CACHE_PREFIX, LoadTeacherCached, TeacherCache
 from mkd.data.transforms import (
     DEFAULT_WINDOW,
+    UNLABELLED,
+    FillMissingLabeld,
     LoadSliced,
     ScaleByMaxd,
     SelectLabeld,
@@ -26,6 +36,8 @@ __all__ = [
     "TeacherCache",
     "Case",
     "DEFAULT_WINDOW",
+    "FillMissingLabeld",
+    "LOAD_SPLITS",
     "LoadSliced",
     "PHANTOM_CASES",
     "PHANTOM_SHAPE",
@@ -34,6 +46,8 @@ __all__ = [
     "ScaleByMaxd",
     "SelectLabeld",
     "Task",
+    "UNLABELLED",
+    "UNLABELLED_KEY",
     "download_task",
     "extract_task",
     "load_manifest",

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mkd.data.decathlon import Case, read_task
+from mkd.data.decathlon import Case, case_id, read_task
 from mkd.data.split import SPLITS, read_split_file, split_patients, student_subset
 from mkd.errors import InputError, MkdError
 
 __all__ = [
+    "DATALIST_KEYS",
+    "LOAD_SPLITS",
+    "UNLABELLED_KEY",
     "PrepareSummary",
     "load_manifest",
     "load_prepare_info",
@@ -29,12 +32,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: the labelled datalist lists; each must be non-empty
 DATALIST_KEYS = (*SPLITS, "student")
+#: the datalist list of unlabelled slices (``imagesTs``); may be empty, absent in older datalists
+UNLABELLED_KEY = "unlabelled"
+#: what :func:`load_split` reads: the datalist lists, plus the derived ``"transfer"`` set
+LOAD_SPLITS = (*DATALIST_KEYS, UNLABELLED_KEY, "transfer")
 
 
 @dataclass
 class PrepareSummary:
-    """What :func:`prepare_dataset` wrote."""
+    """What :func:`prepare_dataset` wrote.
+
+    ``volumes`` counts the labelled volumes; ``patients`` and ``slices`` are keyed by
+    :data:`DATALIST_KEYS` and ``"unlabelled"`` (``imagesTs`` volumes and their slices).
+    """
 
     out_dir: Path
     volumes: int
@@ -57,6 +69,7 @@ class PrepareSummary:
             f"wrote {self.out_dir}",
             f"volumes: {self.volumes}",
             f"slices: {per_split}",
+            f"unlabelled: {self.slices.get(UNLABELLED_KEY, 0)} slices ({self.patients.get(UNLABELLED_KEY, 0)} volumes)",
             f"foreground: {100 * self.fg_slice_fraction:.1f}% of slices, {100 * self.fg_pixel_fraction:.2f}% of pixels",
             f"time: {self.seconds:.1f} s ({self.slices_per_second:.0f} slices/s)",
         ]
@@ -73,21 +86,35 @@ def _fmt_values(values: np.ndarray) -> str:
     return "{" + ", ".join(shown) + (", ..." if len(values) > 8 else "") + "}"
 
 
-def _load_checked(case: Case, label_value: int | None) -> dict:
-    """Load one case with MONAI's LoadImaged and check it; every problem names the file."""
-    import torch
+def _load_nifti(d: dict, keys: Sequence[str]) -> dict:
+    """Load ``d[key]`` for each key with MONAI's LoadImaged (nibabel only); a broken file raises an InputError."""
     from monai.data import NibabelReader
     from monai.transforms import LoadImaged
 
-    d: dict = {"image": str(case.image), "label": str(case.label)}
-    for key in ("image", "label"):
+    for key in keys:
         try:  # a runtime reader: no silent fallback to another library that tolerates a broken file
             d = LoadImaged(keys=key, image_only=True, dtype=np.float32)(d, reader=NibabelReader())
         except Exception as err:  # nibabel / gzip / zlib raise many types for broken files
             raise InputError(d[key], f"cannot read NIfTI (corrupt or truncated file): {_first_line(err)}") from None
-    image, label = d["image"], d["label"]
+    return d
+
+
+def _check_image(image, path: Path) -> None:
+    """A 3D volume without NaN voxels, else an InputError naming ``path``."""
+    import torch
+
     if image.ndim != 3:
-        raise InputError(case.image, f"expected a 3D volume, got shape {tuple(image.shape)}")
+        raise InputError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
+    nan = int(torch.isnan(image).sum())
+    if nan:
+        raise InputError(path, f"{nan} NaN voxel(s)")
+
+
+def _load_checked(case: Case, label_value: int | None) -> dict:
+    """Load one case with MONAI's LoadImaged and check it; every problem names the file."""
+    d = _load_nifti({"image": str(case.image), "label": str(case.label)}, ("image", "label"))
+    image, label = d["image"], d["label"]
+    _check_image(image, case.image)
     if tuple(label.shape) != tuple(image.shape):
         raise InputError(
             case.label, f"shape {tuple(label.shape)} does not match its image {tuple(image.shape)} ({case.image.name})"
@@ -96,9 +123,6 @@ def _load_checked(case: Case, label_value: int | None) -> dict:
     if not np.allclose(a_img, a_lbl, rtol=1e-5, atol=1e-3):
         diff = float(np.abs(a_img - a_lbl).max())
         raise InputError(case.label, f"affine differs from its image's ({case.image.name}) by up to {diff:.3g} mm")
-    nan = int(torch.isnan(image).sum())
-    if nan:
-        raise InputError(case.image, f"{nan} NaN voxel(s)")
     values = np.unique(label.numpy())
     if label_value is None:
         if not set(values.tolist()) <= {0.0, 1.0}:
@@ -109,6 +133,58 @@ def _load_checked(case: Case, label_value: int | None) -> dict:
     elif label_value not in set(values.tolist()):
         logger.warning("%s: no voxel has label value %d; the mask is empty", case.label, label_value)
     return d
+
+
+def _unlabelled_ids(paths: Sequence[Path], taken: set[str]) -> list[tuple[str, Path]]:
+    """``(pid, path)`` of each unlabelled volume; the pid is the file stem (as for labelled cases).
+
+    A stem that is already a labelled patient id (or an earlier unlabelled one) gets the
+    suffix ``_unlabelled`` (then ``_unlabelled2`` ...), so no slice file or teacher-cache key
+    is shared with a labelled case. A file that is missing or listed twice is skipped (logged).
+    """
+    out: list[tuple[str, Path]] = []
+    used, seen = set(taken), set()
+    for path in paths:
+        path = Path(path)
+        if path in seen:
+            logger.warning("%s: listed twice in dataset.json's test list; used once", path)
+            continue
+        seen.add(path)
+        if not path.is_file():
+            logger.warning("%s: unlabelled volume listed in dataset.json but missing; skipped", path)
+            continue
+        base = pid = case_id(path)
+        n = 1
+        while pid in used:
+            pid = f"{base}_unlabelled" + (str(n) if n > 1 else "")
+            n += 1
+        if pid != base:
+            logger.warning("%s: patient id %r is taken by another case; stored as %r", path, base, pid)
+        used.add(pid)
+        out.append((pid, path))
+    return out
+
+
+def _run_volume(d: dict, compose, resize_at: int) -> tuple[dict, dict]:
+    """Run the volume pipeline after loading; also return the geometry recorded in ``prepare.json``.
+
+    The geometry is read from the loaded image (source) and just before the in-plane resize.
+    """
+    source_shape = [int(s) for s in d["image"].shape]
+    source_affine = np.asarray(d["image"].affine, float)
+    d = compose(d, start=1, end=resize_at)
+    geo_shape = [int(s) for s in d["image"].shape[1:]]
+    geo_affine = np.asarray(d["image"].affine, float)
+    d = compose(d, start=resize_at)
+    geometry = {
+        "source_shape": source_shape,
+        "source_affine": source_affine.tolist(),
+        "shape": geo_shape,
+        "affine": geo_affine.tolist(),
+        "spacing": [float(s) for s in np.sqrt((geo_affine[:3, :3] ** 2).sum(0))],
+        "slice_shape": geo_shape[:2],  # in-plane grid before the resize
+    }
+    return d, geometry
 
 
 def _keep_rows(fg_per_z: np.ndarray, keep: str, margin: int) -> np.ndarray:
@@ -143,6 +219,7 @@ def prepare_dataset(
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     source_info: dict | None = None,
+    unlabelled: bool = True,
 ) -> PrepareSummary:
     """Slice a Decathlon-layout task into the prepared dataset described in ``docs/architecture.md``.
 
@@ -166,8 +243,12 @@ def prepare_dataset(
         split_file: JSON with the patient lists to use instead of a random split.
         seed: seed of the split and of the student subset.
         overwrite: replace an existing ``out_dir``.
-        progress: called as ``progress(patient, done, total)`` after each volume.
+        progress: called as ``progress(patient, done, total)`` after each volume (labelled, then unlabelled).
         source_info: extra facts recorded in ``prepare.json`` (e.g. how the task was obtained).
+        unlabelled: also slice the task's unlabelled volumes (``imagesTs``, the ``test`` list of
+            ``dataset.json``) into the datalist list ``"unlabelled"`` (image only, every slice, same
+            preprocessing); an empty ``imagesTs`` gives an empty list. Their geometry is recorded
+            under ``"unlabelled"`` in ``prepare.json``, not in ``"volumes"`` nor in ``manifest.csv``.
 
     Returns:
         A :class:`PrepareSummary`.
@@ -219,7 +300,12 @@ def prepare_dataset(
 
     compose = volume_transforms(("image", "label"), window=window, spacing=spacing, size=size, label_value=label_value)
     resize_at = len(compose.transforms) - 1  # Resized is last: geometry is read just before it
-    datalist: dict[str, list] = {k: [] for k in DATALIST_KEYS}
+    unlabelled_ids = _unlabelled_ids(task.unlabelled, set(by_id)) if unlabelled else []
+    compose_image = volume_transforms(("image",), window=window, spacing=spacing, size=size)
+    resize_at_image = len(compose_image.transforms) - 1
+    total = len(order) + len(unlabelled_ids)
+    datalist: dict[str, list] = {k: [] for k in (*DATALIST_KEYS, UNLABELLED_KEY)}
+    unlabelled_volumes: dict[str, dict] = {}
     manifest: list[dict] = []
     volumes: dict[str, dict] = {}
     fg_pixels_total = pixels_total = fg_slices = 0
@@ -230,13 +316,7 @@ def prepare_dataset(
         (tmp / "labels").mkdir()
         for n, pid in enumerate(order):
             case, name = by_id[pid], split_of[pid]
-            d = _load_checked(case, label_value)
-            source_shape = [int(s) for s in d["image"].shape]
-            source_affine = np.asarray(d["image"].affine, float)
-            d = compose(d, start=1, end=resize_at)
-            geo_shape = [int(s) for s in d["image"].shape[1:]]
-            geo_affine = np.asarray(d["image"].affine, float)
-            d = compose(d, start=resize_at)
+            d, geometry = _run_volume(_load_checked(case, label_value), compose, resize_at)
             image, label = d["image"], d["label"]
             lab = (label[0].numpy() > 0.5).astype(np.uint8)  # (H, W, Z)
             fg_per_z = lab.reshape(-1, lab.shape[-1]).sum(0)
@@ -271,19 +351,34 @@ def prepare_dataset(
                 "student": pid in student_set,
                 "image": str(case.image),
                 "label": str(case.label),
-                "source_shape": source_shape,
-                "source_affine": source_affine.tolist(),
-                "shape": geo_shape,
-                "affine": geo_affine.tolist(),
-                "spacing": [float(s) for s in np.sqrt((geo_affine[:3, :3] ** 2).sum(0))],
-                "slice_shape": geo_shape[:2],  # in-plane grid before the resize
+                **geometry,
                 "stored_shape": [int(s) for s in lab.shape[:2]],
                 "rows": len(rows),
                 "z": rows.tolist(),
                 "fg_voxels": int(fg_per_z.sum()),
             }
             if progress is not None:
-                progress(pid, n + 1, len(order))
+                progress(pid, n + 1, total)
+        for n, (pid, path) in enumerate(unlabelled_ids, start=len(order)):
+            d = _load_nifti({"image": str(path)}, ("image",))
+            _check_image(d["image"], path)
+            d, geometry = _run_volume(d, compose_image, resize_at_image)
+            image = d["image"]
+            rows = np.arange(image.shape[-1])  # every slice: there is no mask to select by
+            np.save(tmp / "images" / f"{pid}.npy", volume_to_slices(image, channels, rows).astype(np.float16))
+            for row, z in enumerate(rows.tolist()):
+                datalist[UNLABELLED_KEY].append({"image": f"images/{pid}.npy", "patient": pid, "slice": row, "z": z})
+            unlabelled_volumes[pid] = {
+                "split": UNLABELLED_KEY,
+                "student": False,
+                "image": str(path),
+                **geometry,
+                "stored_shape": [int(s) for s in image.shape[1:3]],
+                "rows": len(rows),
+                "z": rows.tolist(),
+            }
+            if progress is not None:
+                progress(pid, n + 1, total)
         if label_value is not None and label_fg_total == 0:
             raise MkdError(f"--label-value {label_value}: no voxel has this value in any label file of {task.root}")
         for key in DATALIST_KEYS:
@@ -324,6 +419,7 @@ def prepare_dataset(
             },  # fmt: skip
             "left_out": skipped,
             "volumes": volumes,
+            UNLABELLED_KEY: unlabelled_volumes,
         }
         (tmp / "prepare.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -331,8 +427,12 @@ def prepare_dataset(
     return PrepareSummary(
         out_dir=out_dir,
         volumes=len(order),
-        patients={**{k: len(split[k]) for k in SPLITS}, "student": len(datalist["patients"]["student"])},
-        slices={k: len(datalist[k]) for k in DATALIST_KEYS},
+        patients={
+            **{k: len(split[k]) for k in SPLITS},
+            "student": len(datalist["patients"]["student"]),
+            UNLABELLED_KEY: len(unlabelled_volumes),
+        },
+        slices={k: len(datalist[k]) for k in (*DATALIST_KEYS, UNLABELLED_KEY)},
         fg_slice_fraction=fg_slices / max(len(manifest), 1),
         fg_pixel_fraction=fg_pixels_total / max(pixels_total, 1),
         seconds=seconds,
@@ -343,22 +443,55 @@ def prepare_dataset(
 def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
     """Items of one datalist list with absolute paths (MONAI's ``load_decathlon_datalist``).
 
+    ``"unlabelled"`` is the list of ``imagesTs`` slices (items without ``"label"``; empty for a
+    datalist written before that list existed). ``"transfer"`` is the distillation transfer set
+    of the student: the ``training`` items of the patients *outside* the student's list, with
+    their ``"label"`` key removed, followed by the ``unlabelled`` items. It never holds a label
+    path, so a student trained on ``student`` + ``transfer`` sees only its own patients' labels;
+    on the transfer items it learns from the teacher alone. Load them with
+    ``LoadSliced(..., allow_missing_keys=True)`` followed by
+    :class:`~mkd.data.transforms.FillMissingLabeld`, which gives them the label sentinel
+    that :class:`mkd.losses.LabelledOnly` leaves out of the supervised loss.
+
     Args:
         data_dir: a folder written by ``mkd prepare``.
-        split: ``"training"``, ``"validation"``, ``"test"`` or ``"student"``.
+        split: ``"training"``, ``"validation"``, ``"test"``, ``"student"``, ``"unlabelled"`` or ``"transfer"``.
+
+    Returns:
+        A list of ``{"image", ["label",] "patient", "slice", "z"}`` items.
 
     Raises:
         InputError: no ``datalist.json`` in ``data_dir``.
         ValueError: unknown ``split``.
+
+    Example:
+        >>> train = load_split("mkd_data", "student") + load_split("mkd_data", "transfer")  # doctest: +SKIP
     """
     from monai.data import load_decathlon_datalist
 
-    if split not in DATALIST_KEYS:
-        raise ValueError(f"split must be one of {', '.join(DATALIST_KEYS)}, got {split!r}")
+    if split not in LOAD_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(LOAD_SPLITS)}, got {split!r}")
     path = Path(data_dir) / "datalist.json"
     if not path.is_file():
         raise InputError(path, "missing; run `mkd prepare` first")
-    return load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=Path(data_dir))
+
+    def read(key: str) -> list[dict]:
+        return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=Path(data_dir))
+
+    if split in DATALIST_KEYS:
+        return read(split)
+    raw = json.loads(path.read_text())
+    unlabelled = [_without_label(it) for it in read(UNLABELLED_KEY)] if UNLABELLED_KEY in raw else []
+    if split == UNLABELLED_KEY:
+        return unlabelled
+    student = {str(it["patient"]) for it in raw.get("student", [])}
+    student |= {str(p) for p in (raw.get("patients") or {}).get("student", [])}
+    others = [_without_label(it) for it in read("training") if str(it["patient"]) not in student]
+    return others + unlabelled
+
+
+def _without_label(item: dict) -> dict:
+    return {k: v for k, v in item.items() if k != "label"}
 
 
 def load_manifest(data_dir: str | os.PathLike):

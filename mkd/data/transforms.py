@@ -9,12 +9,14 @@ left to right, the second (columns) from posterior to anterior.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -28,6 +30,8 @@ from monai.transforms import (
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "UNLABELLED",
+    "FillMissingLabeld",
     "LoadSliced",
     "ScaleByMaxd",
     "SelectLabeld",
@@ -38,6 +42,9 @@ __all__ = [
 
 #: Default HU window: [-57, 164] -> [0, 1] (the abdominal soft-tissue window of MONAI's spleen tutorial).
 DEFAULT_WINDOW = (-57.0, 164.0)
+#: Label value of a slice without a label (a transfer-set item); :class:`mkd.losses.LabelledOnly` skips
+#: every sample whose label holds a negative value.
+UNLABELLED = -1.0
 
 
 def parse_window(text: str | Sequence[float]) -> tuple[float, float] | str:
@@ -178,12 +185,14 @@ class LoadSliced(MapTransform):
 
     The stacks are memory-mapped and kept open (one handle per file and process; the cache is
     not pickled, so DataLoader workers open their own). Returns float32 tensors: image
-    (C, H, W), label (1, H, W).
+    (C, H, W), label (1, H, W). Only the files named in the item are opened.
 
     Args:
         keys: keys holding ``.npy`` paths, e.g. ``("image", "label")``.
         slice_key: key of the row index.
-        allow_missing_keys: skip absent keys.
+        allow_missing_keys: skip absent keys. Pass ``True`` to load items without ``"label"``
+            (the ``unlabelled`` and ``transfer`` lists of :func:`~mkd.data.load_split`) next to
+            labelled ones, then give them a sentinel label with :class:`FillMissingLabeld`.
 
     Example:
         >>> items = load_split("mkd_data", "student")  # doctest: +SKIP
@@ -218,4 +227,69 @@ class LoadSliced(MapTransform):
             value = d[key]
             if isinstance(value, (str, os.PathLike)):
                 d[key] = torch.from_numpy(np.array(self._open(value)[row], dtype=np.float32))
+        return d
+
+
+class FillMissingLabeld(MapTransform):
+    """Give an item without a label a sentinel label, so labelled and unlabelled items collate into one batch.
+
+    For each key in ``keys`` that the item lacks (a transfer-set item, see
+    :func:`~mkd.data.load_split`), adds a float32 tensor of ``channels`` channels and the
+    spatial shape of ``d[ref_key]``, filled with ``value`` (default :data:`UNLABELLED`, -1).
+    Items that have the key are returned unchanged. :class:`mkd.losses.LabelledOnly` leaves the
+    samples with a negative label out of the supervised loss.
+
+    Place it after :class:`LoadSliced` (``allow_missing_keys=True``), before or after the resize:
+    after ``LoadSliced`` it makes a plain tensor at the stored size, which the resize (nearest
+    neighbour) keeps at ``value``; after a resize that returns a ``MetaTensor`` it makes a
+    ``MetaTensor`` carrying a copy of the image's metadata (no applied operations).
+
+    Args:
+        keys: the label key(s) to fill when missing.
+        ref_key: the key whose spatial shape (all dimensions but the first) the label takes.
+        value: the fill value; must be negative.
+        channels: channels of the filled label.
+
+    Raises:
+        ValueError: ``value`` >= 0 or ``channels`` < 1; when called, ``d[ref_key]`` still a path
+            (the transform placed before loading).
+        KeyError: when called on an item that lacks a label and ``ref_key``.
+
+    Example:
+        >>> fill = FillMissingLabeld(keys="label")
+        >>> fill({"image": torch.zeros(3, 4, 5)})["label"].shape
+        torch.Size([1, 4, 5])
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "label", ref_key: str = "image", value: float = UNLABELLED, channels: int = 1
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if not value < 0:
+            raise ValueError(f"value must be negative (the unlabelled sentinel), got {value!r}")
+        if int(channels) < 1:
+            raise ValueError(f"channels must be >= 1, got {channels!r}")
+        self.ref_key = ref_key
+        self.value = float(value)
+        self.channels = int(channels)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        missing = [key for key in self.keys if key not in d]
+        if not missing:
+            return d
+        if self.ref_key not in d:
+            raise KeyError(f"{type(self).__name__}: reference key {self.ref_key!r} is missing; item keys: {list(d)}")
+        ref = d[self.ref_key]
+        if isinstance(ref, (str, os.PathLike)):
+            raise ValueError(f"{type(self).__name__}: {self.ref_key!r} is a path ({ref!r}); place it after loading")
+        shape = (self.channels, *tuple(ref.shape)[1:])  # type: ignore[attr-defined]
+        for key in missing:
+            if isinstance(ref, torch.Tensor):
+                label = torch.full(shape, self.value, dtype=torch.float32, device=ref.device)
+                if isinstance(ref, MetaTensor):
+                    label = MetaTensor(label, meta=copy.deepcopy(ref.meta))
+            else:
+                label = np.full(shape, self.value, dtype=np.float32)
+            d[key] = label
         return d
