@@ -32,6 +32,8 @@ __all__ = [
     "last_checkpoint",
     "check_datalist",
     "parse_overrides",
+    "KEY_METRIC",
+    "key_metric_score",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,15 @@ logger = logging.getLogger(__name__)
 #: the bundles shipped in ``bundles/``
 BUNDLES = ("teacher", "student", "distill")
 PROFILES = ("cpu", "thesis")
+#: the validation metric every bundle selects ``models/model.pt`` on (and the teacher stops early on):
+#: Dice of TP / FP / FN pooled over all validation slices, so false positives on slices without
+#: the organ count (``MeanDice`` with ``ignore_empty`` skips those slices)
+KEY_METRIC = "val_pooled_dice"
+
+
+def key_metric_score(engine) -> float:
+    """The evaluator's :data:`KEY_METRIC` (the ``score_function`` of early stopping)."""
+    return float(engine.state.metrics[KEY_METRIC])
 
 
 def bundles_dir() -> Path:
@@ -180,7 +191,8 @@ def run_bundle(
 
     Returns:
         dict with ``output_dir``, ``checkpoint`` (best on validation), ``best_epoch``,
-        ``best_val_mean_dice``, ``epochs`` and ``seconds``.
+        ``best_val_pooled_dice`` (:data:`KEY_METRIC`) and the other ``best_val_*`` metrics of that epoch,
+        ``epochs`` and ``seconds``.
 
     Raises:
         MkdError / InputError: bad options, missing data, nothing to resume, existing output.
@@ -263,7 +275,7 @@ def _run_in_process(parser) -> None:
 
 
 def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``metrics.csv`` of a finished run: best validation Dice, its epoch, number of epochs."""
+    """Read ``metrics.csv`` of a finished run: best :data:`KEY_METRIC`, its epoch, number of epochs."""
     import pandas as pd
 
     output_dir = Path(output_dir)
@@ -272,8 +284,8 @@ def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
     if csv.is_file():
         df = pd.read_csv(csv)
         summary["epochs"] = int(df["epoch"].max()) if len(df) else 0
-        if "val_mean_dice" in df and df["val_mean_dice"].notna().any():
-            best = df.loc[df["val_mean_dice"].idxmax()]
+        if KEY_METRIC in df and df[KEY_METRIC].notna().any():
+            best = df.loc[df[KEY_METRIC].idxmax()]
             summary["best_epoch"] = int(best["epoch"])
             for col in df.columns:
                 if col.startswith("val_"):

@@ -90,8 +90,8 @@ def run_demo(
         "phantom: writing synthetic abdominal CT", lambda: write_phantom(out / "raw", seed=seed, **phantom_kwargs)
     )
     data = out / "data"
-    prepared = step("prepare: patient split, 96x96 slices",
-                    lambda: prepare_dataset(task, data, size=96, keep="organ", margin=3, seed=seed))  # fmt: skip
+    prepared = step("prepare: patient split, 96x96 slices (every slice, with and without spleen)",
+                    lambda: prepare_dataset(task, data, size=96, seed=seed))  # fmt: skip
     echo(
         "        " + "; ".join(f"{k} {v} slices ({prepared.patients[k]} patients)" for k, v in prepared.slices.items())
     )

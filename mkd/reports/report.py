@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mkd.bundle import KEY_METRIC
 from mkd.errors import InputError, MkdError
 from mkd.reports.tables import DEFAULT_METRICS, format_table, significance_table, summary_table, to_markdown
 
@@ -54,7 +55,7 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
     :func:`mkd.reports.summary_table` wants; blank when the baseline run is not finished),
     ``groups``, the test metrics of :func:`mkd.metrics.flatten_summary` (pooled ``iou, dice,
     recall, precision``; ``volume_*``), ``psnr`` (teachers), the training record
-    (``best_val_mean_dice, best_epoch, epochs, train_seconds``) and ``run_dir``.
+    (``best_val_pooled_dice, best_epoch, epochs, train_seconds``) and ``run_dir``.
     Rows are ordered teachers, student baselines, distillation runs, then by run id.
 
     Raises:
@@ -83,7 +84,7 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
         psnr = summary.get("psnr")
         row["psnr"] = psnr.get("mean") if isinstance(psnr, Mapping) else psnr
         train = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-        row["best_val_mean_dice"] = train.get("best_val_mean_dice")
+        row["best_val_pooled_dice"] = train.get("best_val_pooled_dice")
         row["best_epoch"] = train.get("best_epoch")
         row["epochs"] = train.get("epochs")
         row["train_seconds"] = train.get("seconds")
@@ -91,7 +92,7 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
         rows.append(row)
     columns = ["run_id", *_RUN_FIELDS[1:-1], "baseline_run", "baseline", "groups", "settings", *DEFAULT_METRICS,
                *(f"volume_{k}" for k in ("iou", "dice", "recall", "precision", "hd95")), "psnr",
-               "best_val_mean_dice", "best_epoch", "epochs", "train_seconds", "run_dir"]  # fmt: skip
+               "best_val_pooled_dice", "best_epoch", "epochs", "train_seconds", "run_dir"]  # fmt: skip
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=columns)
@@ -99,7 +100,7 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
     df["baseline"] = [method_of.get(b) if isinstance(b, str) else None for b in df["baseline_run"]]
     df["_rank"] = df["kind"].map(_KIND_RANK).fillna(3)
     df = df.sort_values(["_rank", "run_id"], kind="stable").drop(columns="_rank").reset_index(drop=True)
-    for c in (*DEFAULT_METRICS, "psnr", "best_val_mean_dice", "train_seconds"):
+    for c in (*DEFAULT_METRICS, "psnr", "best_val_pooled_dice", "train_seconds"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df[[c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]]
 
@@ -414,14 +415,14 @@ def _figures(runs, summary, volume, tmp, output_dir, files, notes, qualitative, 
                 p = Path(d) / "metrics.csv"
                 if p.is_file():
                     df = pd.read_csv(p)
-                    if "val_mean_dice" in df:
-                        logs.append(df.set_index("epoch")["val_mean_dice"])
+                    if KEY_METRIC in df:
+                        logs.append(df.set_index("epoch")[KEY_METRIC])
             if logs:
                 curves[m] = pd.concat(logs, axis=1).mean(axis=1)
         if curves:
             history = pd.DataFrame(curves).rename_axis("epoch").reset_index()
             put(f"val_dice:{b}", f"figures/val_dice_{_slug(b)}.png", plot_training_curves, history,
-                title=f"validation Dice per epoch (mean over seeds), baseline {b}")  # fmt: skip
+                title=f"validation pooled Dice per epoch (mean over seeds), baseline {b}")  # fmt: skip
         sub = summary[summary["method"].isin(members)]
         put(f"ablation:{b}", f"figures/ablation_dice_{_slug(b)}.png", plot_ablation, sub, metric="dice",
             baseline=b, title=f"pooled test Dice, mean ± std over seeds (baseline {b})")  # fmt: skip

@@ -61,10 +61,10 @@ def _write_run(root: Path, method: str, seed: int) -> Path:
     log = {
         "epoch": [1, 2, 3],
         "train_loss": [0.9, 0.6, 0.5],
-        "val_mean_dice": [0.3 + seed * 0.01, dice - 0.1, dice - 0.05],
+        "val_pooled_dice": [0.3 + seed * 0.01, dice - 0.1, dice - 0.05],
     }
     pd.DataFrame(log).to_csv(d / "metrics.csv", index=False)
-    (d / "summary.json").write_text(json.dumps({"best_epoch": 3, "best_val_mean_dice": dice - 0.05, "epochs": 3}))
+    (d / "summary.json").write_text(json.dumps({"best_epoch": 3, "best_val_pooled_dice": dice - 0.05, "epochs": 3}))
     return d
 
 
@@ -86,7 +86,7 @@ def test_collect_runs_one_row_per_finished_run(fake_runs):
     kd = runs[runs["run_id"] == "distill-s1-t1-bn-contrastive-f0.5-seed1"].iloc[0]
     assert kd["baseline"] == "S1" and kd["baseline_run"] == "student-s1-f0.5-seed1"
     assert kd["dice"] == pytest.approx(0.77) and kd["scales"] == "bn"
-    assert kd["best_val_mean_dice"] == pytest.approx(0.72) and kd["epochs"] == 3
+    assert kd["best_val_pooled_dice"] == pytest.approx(0.72) and kd["epochs"] == 3
     assert kd["volume_dice"] == pytest.approx(np.mean([_volume_dice("KD(T1,S1) B", 1, i) for i in range(3)]))
 
 
