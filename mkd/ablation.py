@@ -72,16 +72,17 @@ _TOP_KEYS = {
     "baselines", "distill",
 }  # fmt: skip
 _BLOCK_KEYS = {"table", "teacher", "student", "scales", "loss", "pmd", "mode", "data_fraction", "weights",
-               "settings", "tag"}  # fmt: skip
+               "settings", "tag", "recipe", "transfer"}  # fmt: skip
 _SETTINGS_KEYS = {"all", "teacher", "student", "distill"}
 #: bundle keys set by the grid itself; settings may not override them.
 _RESERVED = {
     "arch", "train_split", "teacher_ckpt", "scales", "pmd", "feature_loss", "contrastive_mode",
-    "weight_overrides", "seed", "output_dir", "dataset_dir", "bundle_root", "resume",
+    "weight_overrides", "seed", "output_dir", "dataset_dir", "bundle_root", "resume", "recipe", "transfer",
+    "baseline_ckpt",
 }  # fmt: skip
 #: run.json fields that must agree between a finished run and the grid that asks for it.
 _IDENTITY = ("kind", "arch", "teacher", "scales", "loss", "pmd", "mode", "data_fraction", "seed", "profile",
-             "weights", "settings")  # fmt: skip
+             "weights", "settings", "recipe", "transfer")  # fmt: skip
 
 
 @dataclass
@@ -106,6 +107,8 @@ class RunSpec:
         weights: loss weight overrides (``{term: weight}``) of a distillation run.
         settings: further bundle overrides (``--set``) of this run.
         groups: the grid blocks (thesis tables) that list this run.
+        recipe: distillation recipe (``mkd.handlers.RECIPES``); ``None`` = the bundle's default.
+        transfer: the student also learns from the teacher on unlabelled slices (``--transfer``).
     """
 
     id: str
@@ -125,6 +128,8 @@ class RunSpec:
     weights: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
+    recipe: str | None = None
+    transfer: bool = False
 
     @property
     def depends_on(self) -> str | None:
@@ -151,6 +156,8 @@ class RunSpec:
             "weights": dict(self.weights),
             "settings": dict(self.settings),
             "groups": list(self.groups),
+            "recipe": self.recipe,
+            "transfer": self.transfer,
         }
 
     def bundle_overrides(self, runs_dir: str | os.PathLike) -> dict[str, Any]:
@@ -168,7 +175,13 @@ class RunSpec:
                 feature_loss=self.loss,
                 contrastive_mode=self.mode,
                 weight_overrides=dict(self.weights),
+                transfer=self.transfer,
             )
+            if self.recipe is not None:
+                out["recipe"] = self.recipe
+            baseline_ckpt = Path(runs_dir).resolve() / str(self.baseline) / "models" / "model.pt"
+            if baseline_ckpt.is_file():  # for the teacher check's warning only (docs/distill.md)
+                out["baseline_ckpt"] = str(baseline_ckpt)
         return out
 
 
@@ -413,6 +426,8 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         loss_list = [str(v) for v in _as_list(block.get("loss", "contrastive"))]
         mode_list = [str(v) for v in _as_list(block.get("mode", "image"))]
         pmd_list = _as_list(block.get("pmd", False))
+        recipe_list = _as_list(block.get("recipe", None))
+        transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
         for v, allowed, name in ((loss_list, LOSSES, "loss"), (mode_list, MODES, "mode")):
             bad = [x for x in v if x not in allowed]
@@ -420,17 +435,25 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
                 raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")
         if any(not isinstance(p, bool) for p in pmd_list):
             raise MkdError(f"{where}: pmd must be true, false or [false, true], got {block.get('pmd')!r}")
+        if any(not isinstance(t, bool) for t in transfer_list):
+            raise MkdError(f"{where}: transfer must be true, false or [false, true], got {block.get('transfer')!r}")
+        from mkd.handlers.distillation import RECIPES
+
+        bad = [r for r in recipe_list if r is not None and r not in RECIPES]
+        if bad:
+            raise MkdError(f"{where}: recipe {bad[0]!r} is not one of {', '.join(sorted(RECIPES))}")
         weights = _check_keys(f"{where}.weights", block.get("weights"), set(block.get("weights") or {}))
         extra = _settings(block.get("settings"), f"{where}.settings")
         tag = _tag(block)
-        product = itertools.product(t_keys, s_keys, scale_sets, pmd_list, loss_list, mode_list, frac_list, seeds)
-        for tkey, skey, scales, pmd, loss, mode, fraction, seed in product:
+        product = itertools.product(t_keys, s_keys, scale_sets, pmd_list, loss_list, mode_list, frac_list,
+                                    recipe_list, transfer_list, seeds)  # fmt: skip
+        for tkey, skey, scales, pmd, loss, mode, fraction, recipe, transfer, seed in product:
             if not scales and not pmd:
                 raise MkdError(f"{where}: nothing to distil with scales 'none' and pmd false")
             try:
                 from mkd.handlers.distillation import distillation_weights
 
-                distillation_weights(scales, weights, pmd=pmd)
+                distillation_weights(scales, weights, pmd=pmd, recipe=recipe or "thesis")
             except ValueError as err:
                 raise MkdError(f"{where}.weights: {err}") from None
             teacher = teacher_run(tkey, seed)
@@ -441,16 +464,19 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
             method += " MSE" if loss == "mse" else ""
             method += f" {mode}" if mode != "image" else ""
             method += " (100%)" if fraction == 1.0 else ""
+            method += f" ({recipe} recipe)" if recipe else ""
+            method += " +transfer" if transfer else ""
             method += f" [{tag}]" if tag else ""
             run_id = f"distill-{skey}-{tkey}-{scale_tag}-{loss}" + (f"-{mode}" if mode != "image" else "")
-            run_id += f"-f{fraction}" + (f"-{tag}" if tag else "") + f"-seed{seed}"
+            run_id += f"-f{fraction}" + (f"-{recipe}" if recipe else "") + ("-transfer" if transfer else "")
+            run_id += (f"-{tag}" if tag else "") + f"-seed{seed}"
             s = students[skey]
             spec = RunSpec(
                 id=run_id, kind="distill", method=method, arch=baseline.arch, seed=seed, profile=profile,
                 teacher=teacher.id, teacher_arch=teacher.arch, scales=scales, loss=loss, pmd=pmd, mode=mode,
                 data_fraction=fraction, baseline=baseline.id, weights={k: float(v) for k, v in weights.items()},
                 settings={**common["all"], **common["student"], **s["settings"], **common["distill"], **extra},
-                groups=[group],
+                groups=[group], recipe=recipe, transfer=transfer,
             )  # fmt: skip
             spec = add(spec)
             if spec not in distill_runs:

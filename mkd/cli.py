@@ -433,7 +433,7 @@ def _student_overrides(data_fraction: str, optimizer: str, lr: float | None) -> 
 @training_options
 @_user_errors
 def student(arch, data_fraction, optimizer, lr, **kwargs):
-    """Train the student baseline (student bundle): Dice loss, student subset, no teacher."""
+    """Train the student baseline (student bundle): Dice + BCE loss, student subset, no teacher."""
     _run_training("student", arch, overrides=_student_overrides(data_fraction, optimizer, lr), **kwargs)
 
 
@@ -479,13 +479,42 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 )
 @click.option("--pmd/--no-pmd", default=False, show_default=True, help="Add prediction-map distillation (soft KD).")
 @click.option(
+    "--recipe",
+    type=click.Choice(["recommended", "thesis"]),
+    default="recommended",
+    show_default=True,
+    help="Default weights and temperatures (docs/distill.md): the one chosen on validation data, or the "
+    "thesis's (seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2, T 4, tau 0.4, no neighbour mask).",
+)
+@click.option(
     "--weights",
     default=None,
     metavar="TERM=W,...",
-    help="Override weights of seg, pmd and the scales; default the thesis's T1->S1: "
-    "seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2.",
+    help="Override weights of seg, pmd and the scales, e.g. bn=0.2,pmd=0.5 (default: the recipe's).",
 )
-@click.option("--tau", type=float, default=0.4, show_default=True, help="InfoNCE temperature.")
+@click.option("--tau", type=float, default=None, help="InfoNCE temperature (default: the recipe's).")
+@click.option("--pmd-temperature", type=float, default=None, help="PMD temperature T (default: the recipe's).")
+@click.option(
+    "--neighbours",
+    "neighbour_distance",
+    type=click.IntRange(min=0),
+    default=None,
+    help="InfoNCE: slices of the anchor's patient within N slices are not negatives (0: off; default: the recipe's).",
+)
+@click.option(
+    "--transfer/--no-transfer",
+    default=False,
+    show_default=True,
+    help="Also learn from the teacher on unlabelled slices: training patients outside the student's half "
+    "and imagesTs (their labels are never read).",
+)
+@click.option(
+    "--baseline",
+    "baseline_ckpt",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Baseline student checkpoint: the run warns when the teacher is not better than it.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["image", "pixel", "supervised"]),
@@ -515,8 +544,13 @@ def distill(
     scales,
     feature_loss,
     pmd,
+    recipe,
     weights,
     tau,
+    pmd_temperature,
+    neighbour_distance,
+    transfer,
+    baseline_ckpt,
     mode,
     projector,
     data_fraction,
@@ -538,7 +572,7 @@ def distill(
         raise click.BadParameter("nothing to distil: give at least one scale or --pmd", param_hint="--scales")
     weight_overrides = _parse_weights(weights)
     try:
-        distillation_weights(scale_list, weight_overrides, pmd=pmd)
+        distillation_weights(scale_list, weight_overrides, pmd=pmd, recipe=recipe)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--weights") from None
     if not Path(teacher_ckpt).is_file():
@@ -549,12 +583,21 @@ def distill(
         "weight_overrides": weight_overrides,
         "pmd": pmd,
         "feature_loss": feature_loss,
-        "temperature": tau,
+        "recipe": recipe,
+        "transfer": transfer,
         "contrastive_mode": mode,
         "projector_kind": projector,
         "use_cache": cache,
         **_student_overrides(data_fraction, optimizer, lr),
     }
+    for key, value in (("temperature", tau), ("pmd_temperature", pmd_temperature),
+                       ("neighbour_distance", neighbour_distance)):  # fmt: skip
+        if value is not None:
+            overrides[key] = value
+    if baseline_ckpt is not None:
+        if not Path(baseline_ckpt).is_file():
+            raise MkdError(f"{baseline_ckpt}: baseline checkpoint not found (--baseline); train one with `mkd student`")
+        overrides["baseline_ckpt"] = str(Path(baseline_ckpt).resolve())
     if kwargs.get("output_dir") is None:
         tag = "+".join(scale_list) or "none"
         kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if pmd else ''}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from mkd.handlers.checkpoint import AtomicCheckpointSaver
 from mkd.handlers.csv_logger import LOSS_TERMS_KEY, EpochCSVLogger
 from mkd.handlers.distillation import (
+    DEFAULT_RECIPE,
+    RECIPES,
     THESIS_WEIGHTS,
     DistillationHandler,
     build_projector,
@@ -12,14 +14,21 @@ from mkd.handlers.distillation import (
     load_teacher,
     pool_spatial,
     pools_features,
+    recipe_setting,
 )
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
+from mkd.handlers.teacher_check import TeacherCheck, validation_quality
 
 __all__ = [
     "AtomicCheckpointSaver",
     "DistillationHandler",
+    "TeacherCheck",
+    "validation_quality",
     "THESIS_WEIGHTS",
+    "RECIPES",
+    "DEFAULT_RECIPE",
+    "recipe_setting",
     "build_projector",
     "distillation_weights",
     "load_teacher",

@@ -46,6 +46,9 @@ __all__ = [
     "load_teacher",
     "build_projector",
     "distillation_weights",
+    "RECIPES",
+    "DEFAULT_RECIPE",
+    "recipe_setting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,47 @@ logger = logging.getLogger(__name__)
 #: the thesis's T1 -> S1 weights (SPEC §3)
 THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
 _FEATURE_LOSSES = ("contrastive", "mse")
+
+#: Distillation recipes: default term weights and temperatures of a run (docs/distill.md).
+#: ``thesis`` is the thesis's T1 -> S1 setting (T = 4, tau = 0.4, in-batch negatives as they come);
+#: ``recommended`` is the setting chosen on validation data with ``grids/kd_cpu.yaml`` (docs/distill.md
+#: gives the selection and the confirmation on fresh seeds). Any value can still be set on its own
+#: (``--weights``, ``--tau``, ``--pmd-temperature``, ``--neighbours``).
+RECIPES: dict[str, dict[str, Any]] = {
+    "thesis": {
+        "weights": dict(THESIS_WEIGHTS),
+        "temperature": 0.4,
+        "pmd_temperature": 4.0,
+        "neighbour_distance": 0,
+    },
+    "recommended": {
+        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.5},
+        "temperature": 0.4,
+        "pmd_temperature": 1.0,
+        "neighbour_distance": 3,
+    },
+}
+DEFAULT_RECIPE = "recommended"
+
+
+def _recipe(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r} is not known; expected one of {sorted(RECIPES)}.")
+    return RECIPES[name]
+
+
+def recipe_setting(recipe: str, key: str) -> Any:
+    """One setting (``temperature``, ``pmd_temperature``, ``neighbour_distance``) of a recipe in :data:`RECIPES`.
+
+    Example:
+        >>> recipe_setting("thesis", "pmd_temperature")
+        4.0
+    """
+    settings = _recipe(recipe)
+    if key not in settings or key == "weights":
+        raise ValueError(f"recipe setting {key!r} is not known; expected one of "
+                         f"{sorted(k for k in settings if k != 'weights')}.")  # fmt: skip
+    return settings[key]
 
 
 def pools_features(loss: str, mode: str, projector_kind: str) -> bool:
@@ -74,11 +118,20 @@ def pool_spatial(feature: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_weights(
-    scales: Sequence[str], weights: Mapping[str, float] | None = None, pmd: bool = False
+    scales: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+    pmd: bool = False,
+    recipe: str = "thesis",
 ) -> dict[str, float]:
-    """The ``{term: weight}`` mapping for a run: thesis defaults for ``scales``, updated by ``weights``.
+    """The ``{term: weight}`` mapping for a run: the recipe's defaults for ``scales``, updated by ``weights``.
 
     Terms are the scales, ``seg`` and ``pmd`` (0 unless ``pmd`` is true or given in ``weights``).
+
+    Args:
+        scales: the distilled feature scales.
+        weights: overrides, ``{term: weight}``.
+        pmd: prediction-map distillation on.
+        recipe: a name in :data:`RECIPES` whose weights are the defaults.
 
     Example:
         >>> distillation_weights(["bn"], pmd=True)
@@ -86,10 +139,11 @@ def distillation_weights(
         >>> distillation_weights(["enc", "bn"], {"bn": 0.5})
         {'seg': 0.4, 'enc': 0.1, 'bn': 0.5, 'pmd': 0.0}
     """
-    out = {"seg": THESIS_WEIGHTS["seg"]}
+    defaults = _recipe(recipe)["weights"]
+    out = {"seg": defaults["seg"]}
     for s in scales:
-        out[s] = THESIS_WEIGHTS.get(s, 0.1)
-    out["pmd"] = THESIS_WEIGHTS["pmd"] if pmd else 0.0
+        out[s] = defaults.get(s, 0.1)
+    out["pmd"] = defaults["pmd"] if pmd else 0.0
     for k, v in (weights or {}).items():
         if k not in out:
             raise ValueError(
@@ -172,6 +226,9 @@ class DistillationHandler:
         symmetric: average both InfoNCE directions.
         max_samples: location budget of the pixel / supervised variants.
         pmd_temperature: PMD temperature T (loss multiplied by T²).
+        neighbour_distance: InfoNCE: slices of the anchor's patient within this many slices of it
+            are not negatives (0: every other slice of the batch is one, as in the thesis). Read from
+            the batch's ``patient`` and ``z`` keys.
 
     Raises:
         ValueError: unknown loss or scale (the message lists the valid ones), negative weights.
@@ -194,6 +251,7 @@ class DistillationHandler:
         symmetric: bool = False,
         max_samples: int = 1024,
         pmd_temperature: float = 4.0,
+        neighbour_distance: int = 0,
     ) -> None:
         from mkd.losses import FeatureMSELoss, InfoNCELoss, PMDLoss
         from mkd.networks import FeatureRecorder
@@ -214,7 +272,13 @@ class DistillationHandler:
             raise ValueError("a projector (ProjectorHeads) is required when feature scales are weighted.")
         self.loss_name = loss
         self.feature_loss = (
-            InfoNCELoss(temperature=temperature, mode=mode, symmetric=symmetric, max_samples=max_samples)
+            InfoNCELoss(
+                temperature=temperature,
+                mode=mode,
+                symmetric=symmetric,
+                max_samples=max_samples,
+                neighbour_distance=neighbour_distance,
+            )
             if loss == "contrastive"
             else FeatureMSELoss()
         )
@@ -284,6 +348,7 @@ class DistillationHandler:
         total = self.seg_weight * seg_loss
         terms: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
         labels = output.get(CommonKeys.LABEL) if self.mode == "supervised" else None
+        neighbours = self._neighbour_keys(engine) if self.loss_name == "contrastive" else {}
         for scale in self.scales:
             s_feat, t_feat = student_feats[scale], teacher_feats[scale]
             if self.pool:  # image-level InfoNCE with linear heads: pool, then project (same loss, cheaper)
@@ -292,7 +357,7 @@ class DistillationHandler:
                 s_feat = pool_spatial(s_feat)
             s_emb, t_emb = self.projector(scale, s_feat, t_feat)
             if self.loss_name == "contrastive":
-                term = self.feature_loss(s_emb, t_emb, labels)
+                term = self.feature_loss(s_emb, t_emb, labels, **neighbours)
             else:
                 term = self.feature_loss(s_emb, t_emb)
             total = total + self.weights[scale] * term
@@ -303,6 +368,20 @@ class DistillationHandler:
             terms["pmd"] = term.detach()
         output[CommonKeys.LOSS] = total
         setattr(engine.state, LOSS_TERMS_KEY, terms)
+
+    def _neighbour_keys(self, engine: Engine) -> dict[str, Any]:
+        """``groups`` (patient ids) and ``positions`` (slice z) of the batch, for InfoNCE's neighbour mask."""
+        if not getattr(self.feature_loss, "neighbour_distance", 0):
+            return {}
+        batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
+        missing = [k for k in ("patient", "z") if k not in batch]
+        if missing:
+            raise ValueError(
+                f"neighbour_distance={self.feature_loss.neighbour_distance} needs the batch keys 'patient' and 'z' "
+                f"(the datalist of `mkd prepare` has them); missing: {missing}. Set neighbour_distance=0 to switch "
+                "the neighbour mask off."
+            )
+        return {"groups": batch["patient"], "positions": batch["z"]}
 
     def _sync_projector_grads(self, engine: Engine) -> None:
         """Average the projector's gradients over processes (the student is DDP-wrapped, the projector is not)."""

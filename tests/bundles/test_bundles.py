@@ -46,7 +46,8 @@ def test_teacher_run_writes_checkpoint_logs_and_reconstruction_metrics(teacher_r
     df = pd.read_csv(out / "metrics.csv")
     assert list(df["epoch"]) == [1, 2]
     # both loss terms are logged and the total is seg + 0.2 * recon
-    assert {"train_seg", "train_recon", "val_mean_dice", "val_mean_iou", "val_psnr"} <= set(df.columns)
+    columns = {"train_seg", "train_recon", "val_pooled_dice", "val_mean_dice", "val_mean_iou", "val_psnr"}
+    assert columns <= set(df.columns)
     expected = df["train_seg"] + 0.2 * df["train_recon"]
     assert (df["train_loss"] - expected).abs().max() < 1e-4
     assert (df["val_psnr"] > 0).all()
@@ -58,13 +59,13 @@ def test_teacher_run_writes_checkpoint_logs_and_reconstruction_metrics(teacher_r
 
 @pytest.mark.slow
 def test_student_best_checkpoint_is_the_best_validation_epoch(student_run, tiny_prepared):
-    """model.pt must be the epoch with the highest validation Dice, re-measured on the validation patients."""
+    """model.pt must be the epoch with the highest pooled validation Dice, re-measured on the validation patients."""
     from monai.bundle import ConfigParser
 
     out, summary = student_run
     df = pd.read_csv(out / "metrics.csv")
     assert list(df["epoch"]) == [1, 2, 3]
-    best = df.loc[df["val_mean_dice"].idxmax()]
+    best = df.loc[df["val_pooled_dice"].idxmax()]
     assert summary["best_epoch"] == int(best["epoch"])
 
     parser = ConfigParser()
@@ -73,7 +74,7 @@ def test_student_best_checkpoint_is_the_best_validation_epoch(student_run, tiny_
     network.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True)["model"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
-    assert evaluator.state.metrics["val_mean_dice"] == pytest.approx(float(best["val_mean_dice"]), abs=1e-5)
+    assert evaluator.state.metrics["val_pooled_dice"] == pytest.approx(float(best["val_pooled_dice"]), abs=1e-5)
     # selection used the validation patients, never the test ones
     datalist = json.loads((Path(tiny_prepared) / "datalist.json").read_text())
     val_patients = {d["patient"] for d in parser.get_parsed_content("validate#data")}
@@ -87,7 +88,7 @@ def test_same_seed_same_metrics(student_run, tiny_prepared, tmp_path):
     run_bundle("student", tmp_path / "again", tiny_prepared, overrides={**TINY_STUDENT, "epochs": 3}, seed=0)
     a = pd.read_csv(out / "metrics.csv")
     b = pd.read_csv(tmp_path / "again" / "metrics.csv")
-    pd.testing.assert_series_equal(a["val_mean_dice"], b["val_mean_dice"])
+    pd.testing.assert_series_equal(a["val_pooled_dice"], b["val_pooled_dice"])
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"])
 
 
@@ -236,7 +237,7 @@ def test_distill_bundle_trains_student_and_projector_from_teacher(teacher_run, t
     teacher_dir, _ = teacher_run
     out = tmp_path / "distill"
     overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher_dir / "models" / "model.pt"),
-                 "scales": ["enc", "bn", "dec"], "pmd": True}  # fmt: skip
+                 "scales": ["enc", "bn", "dec"], "pmd": True, "recipe": "thesis"}  # fmt: skip
     run_bundle("distill", out, tiny_prepared, overrides=overrides)
     df = pd.read_csv(out / "metrics.csv")
     for term in ("seg", "contrastive_enc", "contrastive_bn", "contrastive_dec", "pmd"):
@@ -247,7 +248,10 @@ def test_distill_bundle_trains_student_and_projector_from_teacher(teacher_run, t
     ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
     assert {k.split(".")[0] for k in ckpt["projector"]} == {"student_heads", "teacher_heads"}
     assert ckpt["run"]["weights"] == w
+    assert ckpt["run"]["recipe"] == "thesis" and ckpt["run"]["pmd_temperature"] == 4.0
     assert (out / "teacher_cache" / "index.json").is_file()
+    check = json.loads((out / "teacher_check.json").read_text())  # the teacher measured before epoch 1
+    assert {"dice", "ece", "background_median"} <= set(check["teacher"]) and check["teacher"]["slices"] > 0
     student, _ = load_network(out / "models" / "model.pt", expected="s1")  # usable like any student
     assert student(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
@@ -273,3 +277,28 @@ def test_single_task_unet_teacher_trains_without_reconstruction(tiny_prepared, t
     df = pd.read_csv(out / "metrics.csv")
     assert "train_recon" not in df.columns and "val_psnr" not in df.columns
     assert torch.load(out / "models" / "model.pt", weights_only=True)["network"]["name"] == "unet"
+
+
+@pytest.mark.slow
+def test_distill_with_transfer_set_never_reads_labels_outside_the_students_half(teacher_run, tiny_prepared, tmp_path):
+    """--transfer: the student also sees the other training patients and imagesTs, through the teacher only."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_prepared, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    others = set(datalist["patients"]["training"]) - set(datalist["patients"]["student"])
+    assert others and datalist["unlabelled"]
+    for pid in others:
+        (data / "labels" / f"{pid}.npy").unlink()  # a label read would now fail the run
+    teacher_dir, _ = teacher_run
+    out = tmp_path / "distill"
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher_dir / "models" / "model.pt"),
+                 "scales": ["bn"], "pmd": True, "transfer": True}  # fmt: skip
+    run_bundle("distill", out, data, overrides=overrides)
+    index = json.loads((out / "teacher_cache" / "index.json").read_text())
+    n_student = len(datalist["student"])
+    n_transfer = sum(d["patient"] in others for d in datalist["training"]) + len(datalist["unlabelled"])
+    assert len(index["rows"]) == n_student + n_transfer  # the teacher saw every transfer slice
+    assert {k.split(":")[0] for k in index["rows"]} >= others
+    assert torch.load(out / "models" / "model.pt", weights_only=True)["run"]["transfer"] is True
