@@ -265,3 +265,54 @@ def plot_ablation(
     ax.set_title(title or metric)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_gap_recovered(
+    table: pd.DataFrame,
+    path: str | PathLike,
+    *,
+    metrics: Sequence[str] = ("dice", "volume_dice"),
+    target: float = 0.5,
+    title: str | None = None,
+) -> Path:
+    """Share of the teacher-student gap recovered by each distilled method, ``(KD - S) / (T - S)``.
+
+    Args:
+        table: output of :func:`mkd.reports.tables.gap_table`.
+        path: PNG to write.
+        metrics: the metrics whose ``<m>_recovered`` column is drawn (one bar each per method).
+        target: drawn as a dashed reference line (the issue's stretch goal is 0.5).
+        title: axes title.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: an empty table or a missing column.
+    """
+    cols = [f"{m}_recovered" for m in metrics]
+    missing = [c for c in cols if c not in table.columns]
+    if table.empty or missing:
+        raise ValueError(f"no gap to plot (rows {len(table)}, missing columns {missing})")
+    names = table["method"].astype(str).tolist()
+    fig = _figure(6.5, max(2.5, 0.45 * len(names) * len(cols) + 1.2))
+    ax = fig.subplots()
+    height = 0.8 / len(cols)
+    pos = np.arange(len(names))
+    for i, (metric, col) in enumerate(zip(metrics, cols)):
+        values = table[col].to_numpy(dtype=float)
+        y = pos + (i - (len(cols) - 1) / 2) * height
+        ax.barh(y, np.nan_to_num(values), height=height, label=metric)
+        for yy, v in zip(y, values):
+            ax.annotate("n/a" if not np.isfinite(v) else f"{v:+.2f}", (np.nan_to_num(v), yy), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=7)  # fmt: skip
+    ax.axvline(0.0, color="#333333", linewidth=1)
+    ax.axvline(target, color="#aa3333", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set_yticks(pos)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("(KD - S) / (T - S): 0 = baseline student, 1 = teacher")
+    ax.set_title(title or "teacher-student gap recovered (means over seeds)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -22,7 +22,14 @@ import pandas as pd
 
 from mkd.bundle import KEY_METRIC
 from mkd.errors import InputError, MkdError
-from mkd.reports.tables import DEFAULT_METRICS, format_table, significance_table, summary_table, to_markdown
+from mkd.reports.tables import (
+    DEFAULT_METRICS,
+    format_table,
+    gap_table,
+    significance_table,
+    summary_table,
+    to_markdown,
+)
 
 __all__ = ["collect_runs", "collect_volumes", "build_report", "ReportResult", "VOLUME_METRICS"]
 
@@ -329,9 +336,14 @@ def build_report(
     volume_md = to_markdown(volume_display) + "\n" + _footnote(sig_volumes, "test volumes (each averaged over "
                                                                          "seeds)", "dice") + "\n"  # fmt: skip
     groups = _group_tables(runs, metrics)
+    method_of = dict(zip(runs["run_id"], runs["method"]))
+    runs["teacher_method"] = [method_of.get(t) if isinstance(t, str) else None for t in runs["teacher"]]
+    gap = gap_table(runs, [m for m in ("dice", "volume_dice") if m in runs.columns])
+    gap_md = to_markdown(_gap_display(gap)) + "\n" if not gap.empty else ""
 
     frames: dict[str, pd.DataFrame] = {"summary": summary, "volume": volume, "significance_seeds": sig_seeds,
-                                       "significance_volumes": sig_volumes, "per_volume": volumes}  # fmt: skip
+                                       "significance_volumes": sig_volumes, "per_volume": volumes,
+                                       "gap": gap}  # fmt: skip
     frames.update({f"group:{g}": t for g, t in groups.items()})
     output_dir = Path(output_dir) if output_dir is not None else runs_dir / "report"
     files: dict[str, Path] = {}
@@ -354,6 +366,9 @@ def build_report(
         for name, sig in (("significance_seeds", sig_seeds), ("significance_volumes", sig_volumes)):
             csv(f"{name}.csv", f"{name}.csv", sig)
             text(f"{name}.md", f"{name}.md", to_markdown(sig))
+        if not gap.empty:
+            csv("gap.csv", "gap.csv", gap)
+            text("gap.md", "gap.md", gap_md)
         csv("runs.csv", "runs.csv", runs)
         csv("per_volume.csv", "per_volume.csv", volumes)
         group_md = []
@@ -365,10 +380,21 @@ def build_report(
             group_md.append(f"### {g}\n\n{body}")
         if figures:
             _figures(runs, summary, volume, tmp, output_dir, files, notes, qualitative, n_slices, data_dir, device)
+            if not gap.empty:
+                from mkd.reports.figures import plot_gap_recovered
+
+                plot_gap_recovered(
+                    gap,
+                    tmp / "figures" / "gap_recovered.png",
+                    metrics=[c[: -len("_recovered")] for c in gap.columns if c.endswith("_recovered")],
+                )
+                files["gap_recovered"] = output_dir / "figures" / "gap_recovered.png"
         page = [f"# Report of {runs_dir.resolve()}", "",
                 f"{len(runs)} finished runs, {len(order)} methods, seeds {seeds}.", "",
                 "## Pooled test metrics (as the thesis)", "", markdown,
                 "## Per-volume test metrics (MSD convention)", "", volume_md]  # fmt: skip
+        if gap_md:
+            page += ["## Teacher-student gap recovered, (KD - S) / (T - S)", "", gap_md]
         if group_md:
             page += ["## Tables by grid block", "", *group_md]
         pngs = [(k, p) for k, p in files.items() if p.suffix == ".png"]
@@ -378,6 +404,17 @@ def build_report(
             page += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
         text("report.md", "report.md", "\n".join(page))
     return ReportResult(output_dir, runs, frames, markdown, files, notes)
+
+
+def _gap_display(gap: pd.DataFrame) -> pd.DataFrame:
+    """The gap table for reading: ``0.812 (S 0.780, T 0.880): +0.32`` per metric."""
+    out = gap[["method", "teacher", "n_seeds"]].copy()
+    for k in [c[: -len("_recovered")] for c in gap.columns if c.endswith("_recovered")]:
+        out[f"{k} recovered"] = [
+            f"{kd:.3f} (S {b:.3f}, T {t:.3f}): " + ("n/a" if not np.isfinite(r) else f"{r:+.2f}")
+            for kd, b, t, r in zip(gap[f"{k}_kd"], gap[f"{k}_baseline"], gap[f"{k}_teacher"], gap[f"{k}_recovered"])
+        ]
+    return out
 
 
 # --- figures ----------------------------------------------------------------------------

@@ -28,7 +28,15 @@ import pandas as pd
 from mkd.errors import MkdError
 from mkd.reports.stats import holm, paired_test
 
-__all__ = ["DEFAULT_METRICS", "summary_table", "format_table", "significance_table", "to_markdown", "write_table"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "summary_table",
+    "format_table",
+    "significance_table",
+    "gap_table",
+    "to_markdown",
+    "write_table",
+]
 
 #: the thesis's columns: pooled IoU, Dice, recall, precision.
 DEFAULT_METRICS: tuple[str, ...] = ("iou", "dice", "recall", "precision")
@@ -118,6 +126,59 @@ def summary_table(
             ref = means[b][k] if b is not None else math.nan
             row[f"{k}_change_pct"] = 100.0 * (row[f"{k}_mean"] - ref) / ref if b is not None and ref != 0 else math.nan
     columns = ["method", "baseline", "n_seeds"] + [f"{k}_{s}" for k in metrics for s in ("mean", "std", "change_pct")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def gap_table(
+    runs: pd.DataFrame,
+    metrics: Sequence[str] = ("dice", "volume_dice"),
+    *,
+    method: str = "method",
+    baseline: str = "baseline",
+    teacher: str = "teacher_method",
+    seed: str = "seed",
+) -> pd.DataFrame:
+    """How much of the teacher-student gap each distilled method recovers: ``(KD - S) / (T - S)``.
+
+    ``KD``, ``S`` and ``T`` are the means over seeds of the method, its baseline student and
+    its teacher. 0 is no gain over the baseline, 1 reaches the teacher; it is NaN when the
+    teacher is not better than the baseline (no gap to recover).
+
+    Args:
+        runs: tidy runs table with a ``teacher`` column naming each distilled method's teacher
+            method (blank for teachers and baselines).
+        metrics: metric columns.
+        method, baseline, teacher, seed: column names.
+
+    Returns:
+        One row per method with a baseline and a teacher: ``method, baseline, teacher, n_seeds``
+        and ``<m>_kd, <m>_baseline, <m>_teacher, <m>_recovered`` per metric.
+
+    Example:
+        >>> runs = pd.DataFrame({"method": ["T", "S", "KD"], "baseline": [None, None, "S"],
+        ...                      "teacher_method": [None, None, "T"], "seed": [0, 0, 0],
+        ...                      "dice": [0.9, 0.7, 0.8]})
+        >>> round(float(gap_table(runs, ["dice"])["dice_recovered"][0]), 3)
+        0.5
+    """
+    _check_columns(runs, [method, seed, *metrics])
+    runs = _numeric(runs, metrics)
+    means = runs.groupby([method, seed], sort=False)[list(metrics)].mean().groupby(level=0, sort=False).mean()
+    rows = []
+    for m, block in runs.groupby(method, sort=False):
+        b = next((v for v in block.get(baseline, []) if not _is_blank(v)), None)
+        t = next((v for v in block.get(teacher, []) if not _is_blank(v)), None)
+        if b is None or t is None or b not in means.index or t not in means.index:
+            continue
+        row: dict[str, Any] = {"method": m, "baseline": b, "teacher": t, "n_seeds": int(block[seed].nunique())}
+        for k in metrics:
+            kd, base, top = (float(means.loc[x, k]) for x in (m, b, t))
+            row[f"{k}_kd"], row[f"{k}_baseline"], row[f"{k}_teacher"] = kd, base, top
+            row[f"{k}_recovered"] = (kd - base) / (top - base) if top > base else math.nan
+        rows.append(row)
+    columns = ["method", "baseline", "teacher", "n_seeds"] + [
+        f"{k}_{s}" for k in metrics for s in ("kd", "baseline", "teacher", "recovered")
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

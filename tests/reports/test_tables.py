@@ -95,3 +95,25 @@ def test_significance_over_volumes_averages_seeds():
     assert r["n"] == 6 and r["mean_diff"] == pytest.approx(0.045)
     assert r["test"] == "wilcoxon" and r["pvalue"] == pytest.approx(2 / 2**6)  # exact, all 6 positive
     assert r["pvalue_holm"] == pytest.approx(r["pvalue"])
+
+
+def test_gap_table_by_hand():
+    from mkd.reports.tables import gap_table
+
+    runs = pd.DataFrame({
+        "method": ["T1", "S1", "S1", "KD", "KD", "KD bad"],
+        "baseline": [None, None, None, "S1", "S1", "S1"],
+        "teacher_method": [None, None, None, "T1", "T1", "T1"],
+        "seed": [0, 0, 1, 0, 1, 0],
+        "dice": [0.90, 0.70, 0.74, 0.80, 0.84, 0.60],
+        "volume_dice": [0.88, 0.60, 0.60, 0.60, 0.62, 0.50],
+    })  # fmt: skip
+    gap = gap_table(runs).set_index("method")
+    assert list(gap.index) == ["KD", "KD bad"]  # teachers and baselines have no row
+    # KD: (0.82 - 0.72) / (0.90 - 0.72); volume: (0.61 - 0.60) / (0.88 - 0.60)
+    assert gap.loc["KD", "dice_recovered"] == pytest.approx(0.10 / 0.18)
+    assert gap.loc["KD", "volume_dice_recovered"] == pytest.approx(0.01 / 0.28)
+    assert gap.loc["KD", "n_seeds"] == 2 and gap.loc["KD", "dice_teacher"] == pytest.approx(0.90)
+    assert gap.loc["KD bad", "dice_recovered"] == pytest.approx((0.60 - 0.72) / 0.18)  # worse than the baseline: < 0
+    weak = runs.assign(dice=[0.70, 0.70, 0.74, 0.80, 0.84, 0.60])  # teacher below its baseline: no gap to recover
+    assert np.isnan(gap_table(weak, ["dice"]).set_index("method").loc["KD", "dice_recovered"])
