@@ -69,7 +69,7 @@ PROFILES = ("cpu", "thesis")
 
 _TOP_KEYS = {
     "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
-    "baselines", "distill",
+    "baselines", "distill", "recipe",
 }  # fmt: skip
 _BLOCK_KEYS = {"table", "teacher", "student", "scales", "loss", "pmd", "mode", "data_fraction", "weights",
                "settings", "tag", "recipe", "transfer"}  # fmt: skip
@@ -364,6 +364,11 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
     teachers = _named(config.get("teachers"), "teachers", "teacher")
     students = _named(config.get("students"), "students", "student")
     blocks = config.get("distill") or []
+    default_recipe = config.get("recipe")
+    from mkd.handlers.distillation import RECIPES
+
+    if default_recipe is not None and default_recipe not in RECIPES:
+        raise MkdError(f"recipe must be one of {', '.join(sorted(RECIPES))}, got {default_recipe!r}")
     if not isinstance(blocks, list):
         raise MkdError(f"distill: expected a list of blocks, got {type(blocks).__name__}")
     if blocks and not teachers:
@@ -426,7 +431,9 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         loss_list = [str(v) for v in _as_list(block.get("loss", "contrastive"))]
         mode_list = [str(v) for v in _as_list(block.get("mode", "image"))]
         pmd_list = _as_list(block.get("pmd", False))
-        recipe_list = _as_list(block.get("recipe", None))
+        # a block's own recipe goes into ids and labels; the grid's default recipe does not
+        named_recipe = "recipe" in block
+        recipe_list = _as_list(block["recipe"]) if named_recipe else [default_recipe]
         transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
         for v, allowed, name in ((loss_list, LOSSES, "loss"), (mode_list, MODES, "mode")):
@@ -437,8 +444,6 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
             raise MkdError(f"{where}: pmd must be true, false or [false, true], got {block.get('pmd')!r}")
         if any(not isinstance(t, bool) for t in transfer_list):
             raise MkdError(f"{where}: transfer must be true, false or [false, true], got {block.get('transfer')!r}")
-        from mkd.handlers.distillation import RECIPES
-
         bad = [r for r in recipe_list if r is not None and r not in RECIPES]
         if bad:
             raise MkdError(f"{where}: recipe {bad[0]!r} is not one of {', '.join(sorted(RECIPES))}")
@@ -464,11 +469,12 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
             method += " MSE" if loss == "mse" else ""
             method += f" {mode}" if mode != "image" else ""
             method += " (100%)" if fraction == 1.0 else ""
-            method += f" ({recipe} recipe)" if recipe else ""
+            method += f" ({recipe} recipe)" if recipe and named_recipe else ""
             method += " +transfer" if transfer else ""
             method += f" [{tag}]" if tag else ""
             run_id = f"distill-{skey}-{tkey}-{scale_tag}-{loss}" + (f"-{mode}" if mode != "image" else "")
-            run_id += f"-f{fraction}" + (f"-{recipe}" if recipe else "") + ("-transfer" if transfer else "")
+            run_id += f"-f{fraction}" + (f"-{recipe}" if recipe and named_recipe else "")
+            run_id += "-transfer" if transfer else ""
             run_id += (f"-{tag}" if tag else "") + f"-seed{seed}"
             s = students[skey]
             spec = RunSpec(

@@ -64,6 +64,19 @@ def test_expansion_options_and_labels():
     assert mse.method == "KD(T1,S1) B+PMD MSE (100%)" and mse.teacher == "teacher-t1-seed4"
     assert mse.baseline == "student-s1-f1.0-seed4" and grid[mse.baseline].method == "S1 (100%)"
     assert grid["distill-s1-t1-pmd-contrastive-pixel-f0.5-t04-seed3"].method == "KD(T1,S1) PMD pixel [t04]"
+    # recipes and the transfer set: named in ids and labels, passed to the bundle
+    block = {"student": "s1", "scales": "bn", "pmd": True, "recipe": ["thesis", "recommended"],
+             "transfer": [False, True]}  # fmt: skip
+    rec = expand_grid({**SMALL, "distill": [block]})
+    thesis = rec["distill-s1-t1-bn+pmd-contrastive-f0.5-thesis-seed0"]
+    assert thesis.method == "KD(T1,S1) B+PMD (thesis recipe)" and thesis.bundle_overrides("/r")["recipe"] == "thesis"
+    tr = rec["distill-s1-t1-bn+pmd-contrastive-f0.5-recommended-transfer-seed1"]
+    assert tr.method == "KD(T1,S1) B+PMD (recommended recipe) +transfer" and tr.bundle_overrides("/r")["transfer"]
+    assert "baseline_ckpt" not in tr.bundle_overrides("/r")  # its baseline has not run
+    # a grid-wide recipe applies to every block without renaming the rows (the thesis grids)
+    wide = expand_grid({**SMALL, "recipe": "thesis"})
+    kd = wide["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0"]
+    assert kd.method == "KD(T1,S1) B+PMD" and kd.recipe == "thesis" and kd.bundle_overrides("/r")["recipe"] == "thesis"
     # the same configuration listed by two blocks is one run that belongs to both
     twice = expand_grid({**SMALL, "distill": [{"table": "A", "scales": "bn"}, {"table": "B", "scales": "bn"}]})
     assert twice.count()["distill"] == 4 and twice["distill-s1-t1-bn-contrastive-f0.5-seed0"].groups == ["A", "B"]
@@ -80,6 +93,9 @@ def test_expansion_options_and_labels():
         ({"distill": [{"scales": "none"}]}, "nothing to distil"),
         ({"distill": [{"scales": "bn", "weights": {"dec": 0.3}}]}, "not a selected scale"),
         ({"profile": "gpu"}, "profile must be"),
+        ({"recipe": "best"}, "recipe must be one of"),
+        ({"distill": [{"scales": "bn", "recipe": "best"}]}, "recipe 'best' is not one of"),
+        ({"distill": [{"scales": "bn", "transfer": "yes"}]}, "transfer must be true, false"),
     ],
 )
 def test_invalid_grids_are_clear_errors(change, message):
@@ -96,8 +112,17 @@ def test_shipped_grids_mirror_the_thesis_tables():
         methods = {r.method for r in grid.runs}
         assert {"KD(T1,S1) B+PMD", "KD(T2,S1) E+PMD", "KD(T1,S2) B+PMD", "KD(T1,S1) B+E+D MSE",
                 "KD(T1,S1) B (100%)", "S1 (100%)", "U-Net"} <= methods  # fmt: skip
+        assert all(r.recipe == "thesis" for r in grid.runs if r.kind == "distill")
     smoke = load_grid(ROOT / "grids" / "smoke.yaml")
     assert smoke.count() == {"teacher": 1, "student": 1, "distill": 2}
+    # the distillation diagnosis grids share one teacher and the confirmation runs fresh seeds
+    select, confirm, diagnose = (load_grid(ROOT / "grids" / f"{n}.yaml") for n in ("kd_select_cpu", "kd_confirm_cpu",
+                                                                                    "kd_cpu"))  # fmt: skip
+    assert select.seeds == [0, 1, 2] and confirm.seeds == [10, 11, 12, 13, 14] and diagnose.seeds == [0, 1, 2]
+    assert {r.id for g in (select, confirm, diagnose) for r in g.runs if r.kind == "teacher" and r.arch == "t1"
+            and not r.settings} == {"teacher-t1-seed0"}  # fmt: skip
+    assert {r.method for r in confirm.runs} == {"T1", "S1", "KD(T1,S1) B+PMD (recommended recipe)",
+                                                "KD(T1,S1) B+PMD (thesis recipe)"}  # fmt: skip
 
 
 def _write_grid(tmp_path: Path, config: dict) -> Path:
