@@ -704,7 +704,12 @@ def demo(out, overwrite, teacher_epochs, student_epochs, seed):
     )
     report = result["report"]
     click.echo("")
+    click.echo("Pooled test metrics (as the thesis):")
     click.echo(report["markdown"])
+    volume_md = report.files.get("volume.md")
+    if volume_md is not None and volume_md.is_file():
+        click.echo("Per-volume test metrics (MSD convention, HD95 in mm):")
+        click.echo(volume_md.read_text())
     click.echo("")
     for path in report.get("figures", []):
         click.echo(f"figure: {path}")

@@ -35,6 +35,32 @@ def test_distill_rejects_weights_for_unselected_terms(tmp_path):
     assert res.exit_code == 2 and "expected TERM=NUMBER" in res.output
 
 
+def test_distill_recipe_options_reach_the_bundle(tmp_path, monkeypatch):
+    import mkd.bundle
+
+    seen = {}
+
+    def fake_run_bundle(name, output_dir, dataset_dir, overrides=None, **kwargs):
+        seen.update(name=name, overrides=overrides)
+        return {"checkpoint": str(tmp_path / "model.pt")}
+
+    monkeypatch.setattr(mkd.bundle, "run_bundle", fake_run_bundle)
+    teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"))
+    args = ["distill", "--teacher", str(teacher), "--pmd", "--recipe", "thesis", "--pmd-temperature", "2",
+            "--neighbours", "5", "--transfer", "--output", str(tmp_path / "run")]  # fmt: skip
+    res = _invoke(*args)
+    assert seen["name"] == "distill", res.output
+    over = seen["overrides"]
+    assert over["recipe"] == "thesis" and over["pmd_temperature"] == 2.0 and over["neighbour_distance"] == 5
+    assert over["transfer"] is True and "temperature" not in over  # tau: the recipe's
+    res = _invoke("distill", "--teacher", str(teacher), "--recipe", "best")
+    assert res.exit_code == 2 and "'best' is not one of 'recommended', 'thesis'" in res.output
+    res = _invoke("distill", "--teacher", str(teacher), "--baseline", str(tmp_path / "nope.pt"))
+    assert res.exit_code == 1 and res.output.strip().endswith(
+        "nope.pt: baseline checkpoint not found (--baseline); train one with `mkd student`"
+    )
+
+
 def test_training_commands_reject_a_malformed_set(tmp_path):
     res = _invoke("student", "--set", "epochs", "--output", str(tmp_path / "run"))
     assert res.exit_code == 1 and "expected KEY=VALUE" in res.output
