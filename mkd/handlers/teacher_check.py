@@ -72,7 +72,7 @@ def validation_quality(
     pred = z > 0
     counts = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
     pooled = metrics_from_counts(*counts)
-    probs = 1.0 / (1.0 + np.exp(-z))
+    probs = 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))  # no overflow for a very confident network
     return {
         "dice": pooled["dice"],
         "recall": pooled["recall"],
