@@ -818,9 +818,11 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
 @click.option("--qualitative/--no-qualitative", default=True, show_default=True,
               help="Run the checkpoints for the qualitative and reconstruction panels.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="Device for the qualitative panels.")
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
+              help="Report only the runs of this grid (a runs folder shared by several grids).")  # fmt: skip
 @seed_option
 @_user_errors
-def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitative, device, seed):
+def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitative, device, seed, grid_file):
     """Thesis-style tables, paired tests and figures of the finished runs in RUNS_DIR.
 
     Rows = method; pooled IoU / Dice / recall / precision, mean ± std over seeds and
@@ -830,8 +832,13 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
     """
     from mkd.reports import build_report
 
+    only = None
+    if grid_file is not None:
+        from mkd.ablation import load_grid
+
+        only = [r.id for r in load_grid(grid_file).runs]
     result = build_report(runs_dir, output_dir, baseline=baseline, figures=figures, qualitative=qualitative,
-                          n_slices=n_slices, data_dir=data_dir, device=device, seed=seed)  # fmt: skip
+                          n_slices=n_slices, data_dir=data_dir, device=device, seed=seed, only=only)  # fmt: skip
     click.echo(result.markdown)
     for note in result.notes:
         click.echo(f"note: {note}")

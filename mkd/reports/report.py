@@ -262,6 +262,7 @@ def build_report(
     device: str | None = "cpu",
     n_resamples: int = 10_000,
     seed: int = 0,
+    only: Sequence[str] | None = None,
 ) -> ReportResult:
     """Tables, paired tests and figures of every finished run of ``runs_dir``, written into ``output_dir``.
 
@@ -294,6 +295,7 @@ def build_report(
         device: for the qualitative panels.
         n_resamples: bootstrap resamples of the confidence intervals.
         seed: seed of the bootstrap.
+        only: report only these run ids (e.g. the runs of one grid sharing a runs folder with others).
 
     Returns:
         A :class:`ReportResult`.
@@ -305,6 +307,8 @@ def build_report(
 
     runs_dir = Path(runs_dir)
     runs = collect_runs(runs_dir)
+    if only is not None:
+        runs = runs[runs["run_id"].isin(set(only))].reset_index(drop=True)
     if runs.empty:
         raise MkdError(f"{runs_dir}: no finished runs (a run is a folder with run.json and eval/test/summary.json)")
     notes: list[str] = []

@@ -160,3 +160,12 @@ def test_report_cli_prints_the_table(fake_runs):
     assert (fake_runs / "report" / "summary.md").is_file()
     res = CliRunner().invoke(cli, ["report", str(fake_runs / "nothing")])
     assert res.exit_code == 1 and "runs folder not found" in res.output
+
+
+def test_report_of_one_grid_in_a_shared_runs_folder(fake_runs, tmp_path):
+    """``only`` (``mkd report --grid``) keeps the listed runs: here seed 2 of every method is left out."""
+    keep = [f"{IDS[m]}-seed{s}" for m in DICE for s in (0, 1)]
+    result = build_report(fake_runs, tmp_path / "report", only=keep, figures=False, n_resamples=200)
+    s = result.frames["summary"].set_index("method")
+    assert set(result.runs["seed"]) == {0, 1} and (s["n_seeds"] == 2).all()
+    assert s.loc["KD(T1,S1) B", "dice_mean"] == pytest.approx((0.76 + 0.77) / 2)
