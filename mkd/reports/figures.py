@@ -312,7 +312,7 @@ def plot_gap_recovered(
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("(KD - S) / (T - S): 0 = baseline student, 1 = teacher")
-    ax.set_title(title or "teacher-student gap recovered (means over seeds)")
+    ax.set_title(title or "teacher-student gap recovered", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
