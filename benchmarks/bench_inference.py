@@ -33,16 +33,15 @@ from pathlib import Path
 
 import torch
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example" / "ct_full.nii.gz"
+SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "totalseg_example" / "ct_full.nii.gz"
 DEFAULT_MODELS = "s1,t1:small,t1:thesis"
 
 
 def _volume(path: str | None, tmp: Path) -> Path:
     if path:
         return Path(path)
-    for candidate in (SAMPLE, Path("/work/shared/data/totalseg_example/ct_full.nii.gz")):
-        if candidate.is_file():
-            return candidate
+    if SAMPLE.is_file():
+        return SAMPLE
     import nibabel as nib
 
     from mkd.data.phantom import phantom_case

@@ -23,10 +23,8 @@ from mkd.inference import (
 )
 from mkd.networks import build, save_checkpoint
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example"
-if not SAMPLE.is_dir():  # the sample lives beside the repository in the workspace
-    SAMPLE = Path("/work/shared/data/totalseg_example")
-needs_sample = pytest.mark.skipif(not (SAMPLE / "ct_full.nii.gz").is_file(), reason="real CT sample not available")
+SAMPLE = Path(__file__).resolve().parent / "data" / "totalseg_example"  # shipped in the repository (Apache-2.0)
+needs_sample = pytest.mark.skipif(not (SAMPLE / "ct_full.nii.gz").is_file(), reason="real CT sample missing")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
