@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,13 +99,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle file: refused below, the protocol note is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here is a bad file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"cannot read as a weights-only torch checkpoint ({first})") from err
+        raise InputError(path, _load_problem(path, err)) from None
     if not isinstance(ckpt, dict):
         raise InputError(path, f"holds a {type(ckpt).__name__}; expected a dict checkpoint")
     return ckpt
+
+
+def _load_problem(path: Path, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in mkd's words.
+
+    PyTorch's own message advises re-running with ``weights_only=False``, which executes
+    whatever code the file holds; mkd never repeats that advice.
+    """
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(err, pickle.UnpicklingError) and found:
+        return (
+            f"holds Python objects ({found.group(1)}) besides tensors and plain data; mkd loads checkpoints "
+            "weights-only and never runs code from a file. Re-save it as a state dict "
+            "(mkd.networks.save_checkpoint) where it was made"
+        )
+    if zipfile.is_zipfile(path):
+        return f"a zip archive, but not a readable PyTorch checkpoint ({type(err).__name__})"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK"):
+        return "truncated PyTorch checkpoint (the zip archive has no end; was it killed while being written?)"
+    if head[:1] == b"\x80":
+        return (
+            "a plain pickle file, not a weights-only PyTorch checkpoint; mkd does not unpickle arbitrary "
+            "objects. Re-save it with torch.save(state_dict) or mkd.networks.save_checkpoint"
+        )
+    return "not a PyTorch checkpoint (no zip archive; expected a file written by torch.save)"
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:

@@ -46,6 +46,13 @@ def test_wrong_architecture_and_missing_file(tmp_path):
     assert str(err.value).startswith(str(missing))
 
 
+class _RunsCode:
+    """Unpickling this calls ``print``: what weights-only loading exists to refuse."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
 def test_unsafe_or_foreign_files_are_input_errors(tmp_path):
     bad = tmp_path / "pickled.pt"
     with open(bad, "wb") as fh:
@@ -90,3 +97,30 @@ def test_monai_checkpoint_saver_with_network_info(tmp_path):
     CheckpointLoader(str(tmp_path / "final.pt"), {"network": restored}).attach(Engine(lambda e, b: None))
     restored.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True)["network"])
     assert restored == info
+
+
+def test_load_errors_are_mkd_words_and_never_suggest_unsafe_loading(tmp_path, capsys):
+    """PyTorch's message advises weights_only=False (arbitrary code execution); mkd's never does."""
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"model": build("s1", "tiny").state_dict(), "extra": _RunsCode()}, crafted)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"model": _RunsCode()}, protocol=4))
+    good = save_checkpoint(tmp_path / "good.pt", build("s1", "tiny"))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    expected = {
+        crafted: "holds Python objects (print) besides tensors and plain data",
+        plain: "a plain pickle file, not a weights-only PyTorch checkpoint",
+        truncated: "truncated PyTorch checkpoint (the zip archive has no end",
+        text: "not a PyTorch checkpoint (no zip archive",
+    }
+    for path, problem in expected.items():
+        with pytest.raises(InputError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: {problem}")
+        assert "weights_only=False" not in message and "weights_only` set to `False`" not in message
+        assert "\n" not in message and err.value.__cause__ is None
+    assert "unpickled" not in capsys.readouterr().out  # nothing in the files ran
