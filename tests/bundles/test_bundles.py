@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,19 +204,85 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_prepared, tmp_
     )
 
 
+def _schema_errors(value, schema, root, where="metadata"):
+    """Check ``value`` against the draft-07 subset ``bundles/metadata_schema.json`` uses (jsonschema may be absent)."""
+    if schema is False:
+        return [f"{where}: not allowed"]
+    if "$ref" in schema:
+        schema = root["definitions"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float), "integer": int}
+    wanted = schema.get("type")
+    if wanted is not None:
+        names = [wanted] if isinstance(wanted, str) else wanted
+        ok = any(isinstance(value, kinds[n]) and not (n in ("integer", "number") and isinstance(value, bool))
+                 for n in names)  # fmt: skip
+        if not ok:
+            return [f"{where}: expected {wanted}, got {type(value).__name__}"]
+    errors = []
+    if "pattern" in schema and not re.match(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{where}: {value} < {schema['minimum']}")
+    if isinstance(value, dict):
+        errors += [f"{where}: missing {k!r}" for k in schema.get("required", []) if k not in value]
+        props = schema.get("properties", {})
+        for k, v in value.items():
+            sub = props.get(k, schema.get("additionalProperties", True))
+            if sub is not True:
+                errors += _schema_errors(v, sub, root, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += _schema_errors(v, schema["items"], root, f"{where}[{i}]")
+    return errors
+
+
+METADATA_SCHEMA = ROOT / "bundles" / "metadata_schema.json"
+
+
 @pytest.mark.parametrize("name", list(BUNDLES))
-def test_metadata_has_every_field_the_bundle_schema_requires(name):
-    meta = json.loads((bundles_dir() / name / "configs" / "metadata.json").read_text())
-    required = ["version", "changelog", "monai_version", "pytorch_version", "numpy_version", "task",
-                "description", "authors", "copyright", "network_data_format"]  # fmt: skip
-    assert not [k for k in required if k not in meta]
+def test_metadata_validates_against_the_shipped_schema_offline(name):
+    meta_file = bundles_dir() / name / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    schema = json.loads(METADATA_SCHEMA.read_text())
+    assert _schema_errors(meta, schema, schema) == []
     assert meta["version"] in meta["changelog"]
-    for io in ("inputs", "outputs"):
-        for spec in meta["network_data_format"][io].values():
-            fields = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data")
-            assert not [f for f in fields if f not in spec]
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 3
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 1
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.validate(meta, schema)
+
+
+def test_schema_check_catches_what_monai_would_misread():
+    schema = json.loads(METADATA_SCHEMA.read_text())
+    meta = json.loads((bundles_dir() / "teacher" / "configs" / "metadata.json").read_text())
+    meta["optional_packages_version"] = {"itk": "5.4.7"}
+    del meta["required_packages_version"]["pytorch-ignite"]
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = "3"
+    assert _schema_errors(meta, schema, schema) == [
+        "metadata.required_packages_version: missing 'pytorch-ignite'",
+        "metadata.network_data_format.inputs.image.num_channels: expected integer, got str",
+        "metadata.optional_packages_version: not allowed",
+    ]
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_monai_reads_the_required_packages_of_every_bundle(name):
+    """MONAI 1.6 reads optional_packages_version as required_packages_version, replacing it (issue 12, case 6)."""
+    import warnings
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI warns when it renames a deprecated key
+        parser.read_meta(str(bundles_dir() / name / "configs" / "metadata.json"))
+        required = parser.get_parsed_content("_meta_#required_packages_version")
+    assert {"mkd", "monai", "torch", "pytorch-ignite", "nibabel"} <= set(required)
+    assert required["monai"] == parser["_meta_#monai_version"]
+    assert "optional_packages_version" not in parser["_meta_"]
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))
