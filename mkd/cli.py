@@ -126,7 +126,6 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
       mkd prepare --decathlon Task09_Spleen --root ~/msd --out spleen256
       mkd prepare --source my_ct/ --label-value 1 --window -150,250 --out my_data
     """
-    from pathlib import Path
 
     from tqdm import tqdm
 
@@ -143,10 +142,10 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
         window_v = lo_hi
     else:
         window_v = "max"
-    if Path(out).exists() and not overwrite:
-        raise MkdError(f"{out}: output already exists; pass --overwrite to replace it")
-
     from mkd.data import locate_task, prepare_dataset, write_phantom
+    from mkd.data.prepare import check_output_dir
+
+    check_output_dir(out, overwrite)
     from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE
 
     source_info: dict = {}

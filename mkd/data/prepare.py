@@ -24,6 +24,7 @@ __all__ = [
     "LOAD_SPLITS",
     "UNLABELLED_KEY",
     "PrepareSummary",
+    "check_output_dir",
     "load_manifest",
     "load_prepare_info",
     "load_split",
@@ -200,6 +201,30 @@ def _keep_rows(fg_per_z: np.ndarray, keep: str, margin: int) -> np.ndarray:
     return z[near]
 
 
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite`` is set and ``mkd prepare`` wrote it (or it is empty).
+
+    ``--overwrite`` replaces a prepared dataset; it never deletes a folder that holds
+    something else (a typo in ``--out`` must not cost a user their files).
+
+    Raises:
+        MkdError: ``out_dir`` exists and ``overwrite`` is false, or it is a file, or a folder
+            that is neither empty nor holds ``prepare.json``.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not overwrite:
+        raise MkdError(f"{out_dir}: output already exists; pass --overwrite to replace it")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise MkdError(f"{out_dir}: not a folder; --overwrite replaces only a dataset written by `mkd prepare`")
+    if not (out_dir / "prepare.json").is_file() and any(out_dir.iterdir()):
+        raise MkdError(
+            f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; --overwrite replaces only "
+            "a prepared dataset: choose another --out"
+        )
+
+
 def prepare_dataset(
     task_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -275,8 +300,7 @@ def prepare_dataset(
     except ValueError as err:
         raise MkdError(str(err)) from None
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise MkdError(f"{out_dir}: output already exists; pass --overwrite to replace it")
+    check_output_dir(out_dir, overwrite)
 
     task = read_task(task_dir)
     by_id = {c.patient: c for c in task.cases}

@@ -136,6 +136,27 @@ def test_rerun_needs_overwrite(make_task, tmp_path):
     assert sorted(os.listdir(out)) == ["datalist.json", "images", "labels", "manifest.csv", "prepare.json"]
 
 
+def test_overwrite_replaces_only_a_prepared_or_empty_folder(make_task, tmp_path):
+    """--overwrite deleted any folder, including one mkd never made (issue 12, case 10)."""
+    task = make_task()
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work\n")
+    r, new = _run(["--source", str(task), "--overwrite"], mine)
+    _assert_error(r, new, f"{mine}: not written by `mkd prepare` (no prepare.json) and not empty; --overwrite")
+    assert sorted(os.listdir(mine)) == ["chapter1.tex"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep\n")
+    r, new = _run(["--source", str(task), "--overwrite"], a_file)
+    _assert_error(r, new, f"{a_file}: not a folder; --overwrite replaces only a dataset written by `mkd prepare`")
+    assert a_file.read_text() == "keep\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r, _ = _run(["--source", str(task), "--overwrite"], empty)
+    assert r.exit_code == 0, r.output
+    assert (empty / "prepare.json").is_file()
+
+
 def test_failure_late_in_the_run_removes_the_temp_dir(make_task, tmp_path):
     """The bad case is the last one processed: earlier volumes were already written to the temp dir."""
     task = make_task()
