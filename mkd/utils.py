@@ -13,7 +13,37 @@ from typing import Any
 
 from mkd.errors import MkdError
 
-__all__ = ["atomic_dir", "atomic_file", "write_json", "seed_everything", "resolve_device", "PlainState"]
+__all__ = [
+    "atomic_dir",
+    "atomic_file",
+    "write_json",
+    "umask_mode",
+    "seed_everything",
+    "resolve_device",
+    "PlainState",
+]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str | os.PathLike, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would have: 0o666 / 0o777 less the umask.
+
+    ``tempfile`` creates private files (0o600) and folders (0o700); an output renamed into
+    place from one would otherwise stay unreadable to the rest of a lab group.
+    """
+    if directory is None:
+        directory = os.path.isdir(path)
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -36,6 +66,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        umask_mode(tmp, directory=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +87,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
+        umask_mode(tmp, directory=False)
         with os.fdopen(fd, mode) as fh:
             yield fh
         os.replace(tmp, target)

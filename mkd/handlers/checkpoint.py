@@ -13,11 +13,14 @@ either exists whole or not at all, and the newest complete one is always on disk
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from monai.handlers import CheckpointSaver
 from monai.utils import min_version, optional_import
+
+from mkd.utils import umask_mode
 
 DiskSaver, _ = optional_import("ignite.handlers", "0.4.4", min_version, "DiskSaver")
 
@@ -39,6 +42,7 @@ class _AtomicDiskSaver(DiskSaver):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         filename = self.filename or filename
         super().__call__(checkpoint, filename, metadata)
+        umask_mode(os.path.join(self.dirname, filename), directory=False)  # ignite's temp file was 0o600
         for old in self._outgoing:
             if old != filename:  # the same name was just replaced atomically
                 super().remove(old)

@@ -52,3 +52,20 @@ def test_fixed_file_names_are_kept(tmp_path):
     engine.run([0], max_epochs=2)
     assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]
     assert set(torch.load(tmp_path / "final.pt", weights_only=True)) == {"weight", "bias"}
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    """ignite's atomic saver wrote through a 0o600 temporary file (issue 12, case 7)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        engine = Engine(lambda e, b: None)
+        AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 1)}, save_interval=1, n_saved=1,
+                              epoch_level=True).attach(engine)  # fmt: skip
+        engine.run([0], max_epochs=2)
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=2.pt"]
+    assert stat.S_IMODE((tmp_path / "model_epoch=2.pt").stat().st_mode) == 0o644
