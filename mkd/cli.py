@@ -841,7 +841,10 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
     click.echo(result.markdown)
     for note in result.notes:
         click.echo(f"note: {note}")
-    click.echo(f"{len(result.runs)} runs; report in {result.output_dir}:")
+    for run, why in result.left_out.items():
+        click.echo(f"left out: {run}: {why}")
+    click.echo(f"{len(result.runs)} runs{f', {len(result.left_out)} left out' if result.left_out else ''}; "
+               f"report in {result.output_dir}:")  # fmt: skip
     click.echo(f"  {result.files['report.md']}")
     for name in ("summary.csv", "volume.csv", "significance_seeds.csv", "significance_volumes.csv"):
         click.echo(f"  {result.files[name]}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mkd.reports.figures import plot_ablation, plot_qualitative, plot_reconstructions, plot_training_curves
-from mkd.reports.report import VOLUME_METRICS, ReportResult, build_report, collect_runs, collect_volumes
+from mkd.reports.report import VOLUME_METRICS, ReportResult, build_report, collect_runs, collect_volumes, left_out_runs
 from mkd.reports.stats import WILCOXON_MIN_PAIRS, bootstrap_ci, holm, paired_test
 from mkd.reports.tables import (
     DEFAULT_METRICS,
@@ -20,6 +20,7 @@ __all__ = [
     "ReportResult",
     "build_report",
     "collect_runs",
+    "left_out_runs",
     "collect_volumes",
     "WILCOXON_MIN_PAIRS",
     "bootstrap_ci",

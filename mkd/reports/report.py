@@ -112,6 +112,37 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
     return df[[c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]]
 
 
+def left_out_runs(runs_dir: str | os.PathLike) -> dict[str, str]:
+    """``{folder name: why}`` for each run folder of ``runs_dir`` that :func:`collect_runs` leaves out.
+
+    A run folder is one with ``run.json`` (``mkd ablate``), or with ``models/model.pt`` or
+    ``config.json`` (a training run); other folders (the report itself) are not runs.
+
+    Example:
+        >>> left_out_runs("runs")  # doctest: +SKIP
+        {'student-s1-f0.5-seed1': 'training not finished (no models/model.pt)'}
+    """
+    runs_dir = Path(runs_dir)
+    out: dict[str, str] = {}
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        has_info = (run_dir / "run.json").is_file()
+        trained = (run_dir / "models" / "model.pt").is_file()
+        if has_info and (run_dir / "eval" / "test" / "summary.json").is_file():
+            continue
+        if not has_info:
+            if trained or (run_dir / "config.json").is_file():
+                out[run_dir.name] = "no run.json (not a run of mkd ablate, so its method and seed are unknown)"
+        elif (runs_dir / f"{run_dir.name}.lock").exists() or (run_dir / "run.lock").exists():
+            out[run_dir.name] = "still running (its lock file exists)"
+        elif not trained:
+            out[run_dir.name] = "training not finished (no models/model.pt)"
+        else:
+            out[run_dir.name] = (
+                "evaluation missing (no eval/test/summary.json); mkd ablate on this runs folder evaluates it"
+            )
+    return out
+
+
 def collect_volumes(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-volume test metrics of every run of ``runs`` (from ``eval/test/per_volume.csv``), one row per volume.
 
@@ -149,6 +180,7 @@ class ReportResult:
         markdown: the main table as Markdown, with its footnote (what ``mkd report`` prints).
         files: name -> path of every CSV / Markdown / PNG written.
         notes: what was skipped and why (e.g. qualitative panels without checkpoints).
+        left_out: run folders not in the report, with the reason (:func:`left_out_runs`).
 
     ``result["markdown"]`` and ``result.get("figures", [])`` work too (dict-style access to
     the attributes and properties).
@@ -160,6 +192,7 @@ class ReportResult:
     markdown: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         if key.startswith("_") or not hasattr(self, key):
@@ -277,6 +310,8 @@ def build_report(
       method against its baseline, every metric (:func:`mkd.reports.significance_table`).
     - ``groups/<block>.csv`` / ``.md``: one table per grid block (thesis table).
     - ``runs.csv``, ``per_volume.csv``: the tidy inputs; ``report.md``: everything in one page.
+    - ``left_out.csv``: run folders not in the report and why (evaluation missing, training
+      not finished, still running, no ``run.json``); also listed in ``report.md``.
     - ``figures/``: training curves per method, validation Dice per epoch per baseline group,
       ablation bar charts, qualitative panels and teacher reconstructions (the last two need
       the checkpoints and the prepared data; without them they are skipped with a note).
@@ -307,10 +342,15 @@ def build_report(
 
     runs_dir = Path(runs_dir)
     runs = collect_runs(runs_dir)
+    left_out = left_out_runs(runs_dir)
     if only is not None:
         runs = runs[runs["run_id"].isin(set(only))].reset_index(drop=True)
+        left_out = {k: v for k, v in left_out.items() if k in set(only)}
     if runs.empty:
-        raise MkdError(f"{runs_dir}: no finished runs (a run is a folder with run.json and eval/test/summary.json)")
+        why = f"; left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}" if left_out else ""
+        raise MkdError(
+            f"{runs_dir}: no finished runs (a run is a folder with run.json and eval/test/summary.json){why}"
+        )
     notes: list[str] = []
     missing = runs.loc[runs["baseline_run"].notna() & runs["baseline"].isna(), "baseline_run"].unique()
     if len(missing):
@@ -374,6 +414,9 @@ def build_report(
             csv("gap.csv", "gap.csv", gap)
             text("gap.md", "gap.md", gap_md)
         csv("runs.csv", "runs.csv", runs)
+        if left_out:
+            left_df = pd.DataFrame({"run": list(left_out), "reason": list(left_out.values())})
+            csv("left_out.csv", "left_out.csv", left_df)
         csv("per_volume.csv", "per_volume.csv", volumes)
         group_md = []
         for g, t in groups.items():
@@ -394,7 +437,8 @@ def build_report(
                 )
                 files["gap_recovered"] = output_dir / "figures" / "gap_recovered.png"
         page = [f"# Report of {runs_dir.resolve()}", "",
-                f"{len(runs)} finished runs, {len(order)} methods, seeds {seeds}.", "",
+                f"{len(runs)} finished runs, {len(order)} methods, seeds {seeds}"
+                f"{f'; {len(left_out)} run(s) left out (see below)' if left_out else ''}.", "",
                 "## Pooled test metrics (as the thesis)", "", markdown,
                 "## Per-volume test metrics (MSD convention)", "", volume_md]  # fmt: skip
         if gap_md:
@@ -404,10 +448,12 @@ def build_report(
         pngs = [(k, p) for k, p in files.items() if p.suffix == ".png"]
         if pngs:
             page += ["## Figures", ""] + [f"![{k}]({p.relative_to(output_dir).as_posix()})" for k, p in pngs] + [""]
+        if left_out:
+            page += ["## Runs left out", ""] + [f"- {k}: {v}" for k, v in left_out.items()] + [""]
         if notes:
             page += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
         text("report.md", "report.md", "\n".join(page))
-    return ReportResult(output_dir, runs, frames, markdown, files, notes)
+    return ReportResult(output_dir, runs, frames, markdown, files, notes, left_out)
 
 
 def _gap_display(gap: pd.DataFrame) -> pd.DataFrame:

@@ -169,3 +169,35 @@ def test_report_of_one_grid_in_a_shared_runs_folder(fake_runs, tmp_path):
     s = result.frames["summary"].set_index("method")
     assert set(result.runs["seed"]) == {0, 1} and (s["n_seeds"] == 2).all()
     assert s.loc["KD(T1,S1) B", "dice_mean"] == pytest.approx((0.76 + 0.77) / 2)
+
+
+def test_report_says_which_runs_it_left_out_and_why(fake_runs, tmp_path):
+    """A run without its evaluation dropped silently: fewer seeds, no note (issue 12, case 8)."""
+    import shutil
+
+    shutil.rmtree(fake_runs / "distill-s1-t1-bn-contrastive-f0.5-seed2" / "eval")
+    (fake_runs / "distill-s1-t1-bn-contrastive-f0.5-seed2" / "models").mkdir()
+    (fake_runs / "distill-s1-t1-bn-contrastive-f0.5-seed2" / "models" / "model.pt").write_bytes(b"weights")
+    (fake_runs / "teacher-by-hand" / "models").mkdir(parents=True)  # `mkd teacher --output runs/...`
+    (fake_runs / "teacher-by-hand" / "models" / "model.pt").write_bytes(b"weights")
+    (fake_runs / "notes").mkdir()  # not a run: not listed
+    expected = {
+        "distill-s1-t1-bn-contrastive-f0.5-seed2": "evaluation missing (no eval/test/summary.json); "
+        "mkd ablate on this runs folder evaluates it",
+        "half-finished": "training not finished (no models/model.pt)",
+        "teacher-by-hand": "no run.json (not a run of mkd ablate, so its method and seed are unknown)",
+    }
+    res = CliRunner().invoke(cli, ["report", str(fake_runs), "--no-figures", "--output", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "| KD(T1,S1) B | S1 | 2 |" in res.output  # two seeds left of three
+    for run, why in expected.items():
+        assert f"left out: {run}: {why}" in res.output
+    assert "9 runs" not in res.output and "8 runs, 3 left out; report in" in res.output
+    page = (tmp_path / "r" / "report.md").read_text()
+    assert "8 finished runs, 3 methods, seeds [0, 1, 2]; 3 run(s) left out (see below)." in page
+    assert "## Runs left out\n\n" + "\n".join(f"- {k}: {v}" for k, v in expected.items()) in page
+    table = pd.read_csv(tmp_path / "r" / "left_out.csv")
+    assert dict(zip(table["run"], table["reason"])) == expected
+    only = build_report(fake_runs, tmp_path / "r2", only=[f"{IDS['S1']}-seed0", "half-finished"], figures=False,
+                        n_resamples=100)  # fmt: skip
+    assert only.left_out == {"half-finished": expected["half-finished"]}  # runs outside --grid are not listed
