@@ -24,7 +24,6 @@ import logging
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -557,58 +556,21 @@ def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
 # --- running ----------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 @contextmanager
 def run_lock(runs_dir: str | os.PathLike, run_id: str) -> Iterator[Path]:
     """Hold ``RUNS/<id>.lock`` while a run trains, so two processes never run the same id.
 
-    The lock file is created atomically (``O_CREAT | O_EXCL``, which shared file systems
-    such as NFS honour) and holds the owner's host, pid and start time; it is removed
-    when the block ends, also on error. A lock left by a process that no longer exists
-    on this host (a killed job) is taken over; a lock from another host is only
-    reported, since its process cannot be checked from here.
+    See :func:`mkd.locks.hold_lock`: created atomically, removed when the block ends (also
+    on error); a lock left by an exited process on this host is taken over, one from another
+    host is only reported.
 
     Raises:
         MkdError: the run is locked by a live process (or by one on another host).
     """
-    path = Path(runs_dir) / f"{run_id}.lock"
-    host = socket.gethostname()
-    mine = json.dumps({"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
-                logger.info("%s: taking over a lock left by pid %d, which has exited", run_id, owner["pid"])
-                path.unlink(missing_ok=True)
-                continue
-            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
-            raise MkdError(
-                f"{path}: run {run_id} is being run by {who}; wait for it, or delete the lock file "
-                "if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
-        break
-    else:  # pragma: no cover - the stale lock reappeared between unlink and create
-        raise MkdError(f"{path}: could not take the lock for run {run_id}; try again")
-    try:
+    from mkd.locks import hold_lock
+
+    with hold_lock(Path(runs_dir) / f"{run_id}.lock", f"run {run_id}") as path:
         yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def execute_run(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mkd.errors import InputError, MkdError
+from mkd.locks import ensure_lock, hold_lock, release_own_lock
 from mkd.utils import write_json
 
 __all__ = [
@@ -34,6 +36,9 @@ __all__ = [
     "parse_overrides",
     "KEY_METRIC",
     "key_metric_score",
+    "RUN_LOCK",
+    "lock_run",
+    "unlock_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,30 @@ PROFILES = ("cpu", "thesis")
 #: Dice of TP / FP / FN pooled over all validation slices, so false positives on slices without
 #: the organ count (``MeanDice`` with ``ignore_empty`` skips those slices)
 KEY_METRIC = "val_pooled_dice"
+
+
+#: the lock file a training run holds in its output folder while it runs
+RUN_LOCK = "run.lock"
+
+
+def lock_run(output_dir: str | os.PathLike) -> None:
+    """Take ``OUTPUT/run.lock`` unless this process already holds it (a bundle's ``initialize`` step).
+
+    ``mkd teacher|student|distill`` (:func:`run_bundle`) hold the lock themselves; this step
+    gives ``python -m monai.bundle run`` the same protection. A run that dies without its
+    ``finalize`` leaves the lock behind; the next run on this host takes it over.
+
+    Raises:
+        MkdError: another live process holds the lock.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_lock(output_dir / RUN_LOCK, f"run {output_dir.name}")
+
+
+def unlock_run(output_dir: str | os.PathLike) -> None:
+    """Release the lock :func:`lock_run` took (a bundle's ``finalize`` step)."""
+    release_own_lock(Path(output_dir) / RUN_LOCK)
 
 
 def key_metric_score(engine) -> float:
@@ -170,12 +199,15 @@ def run_bundle(
     extra_configs: Sequence[str] = (),
     seed: int = 0,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run one of mkd's bundles and return a summary of the run.
 
     The merged config is saved as ``OUTPUT/config.json`` (with the metadata as
     ``OUTPUT/metadata.json``) and then run: in this process when ``nproc == 1``,
     otherwise through ``torchrun`` with the bundle's ``multi_gpu_train.json``.
+    While it runs, the run holds ``OUTPUT/run.lock`` (:func:`mkd.locks.hold_lock`): a second
+    run into the same folder stops at once, naming the lock's owner (host, pid).
 
     Args:
         name: bundle name (``teacher``, ``student``, ``distill``).
@@ -188,6 +220,7 @@ def run_bundle(
         extra_configs: further bundle config names merged after the profile.
         seed: random seed.
         device: ``cpu``, ``cuda``, ``cuda:1`` ... or ``None`` for automatic.
+        overwrite: delete an earlier run in ``output_dir`` first (once the lock is held).
 
     Returns:
         dict with ``output_dir``, ``checkpoint`` (best on validation), ``best_epoch``,
@@ -195,12 +228,15 @@ def run_bundle(
         ``epochs`` and ``seconds``.
 
     Raises:
-        MkdError / InputError: bad options, missing data, nothing to resume, existing output.
+        MkdError / InputError: bad options, missing data, nothing to resume, existing output,
+            another process running in ``output_dir``.
     """
     output_dir = Path(output_dir).resolve()
     dataset_dir = Path(dataset_dir).resolve()
     if nproc < 1:
         raise MkdError(f"--nproc must be >= 1, got {nproc}")
+    if overwrite and resume:
+        raise MkdError("--overwrite and --resume exclude each other")
     extra = list(extra_configs) + (["multi_gpu_train"] if nproc > 1 else [])
     files = bundle_configs(name, profile, extra)
     settings: dict[str, Any] = {
@@ -215,6 +251,24 @@ def run_bundle(
     settings.update(overrides or {})
     parser = compose_config(files, settings)
     ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
+    check_datalist(dataset_dir, [parser["train_split"], parser["val_split"]])
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_lock(output_dir / RUN_LOCK, f"run {output_dir.name}"):
+            if overwrite:
+                for entry in output_dir.iterdir():
+                    if entry.name != RUN_LOCK:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            return _run_locked(name, parser, files, output_dir, dataset_dir, ckpt_dir, resume, nproc)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
+def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_dir: Path, resume, nproc):
+    """The part of :func:`run_bundle` done while holding the run's lock."""
     if resume:
         last = last_checkpoint(ckpt_dir)
         if last is None:
@@ -225,9 +279,7 @@ def run_bundle(
             )
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
-    check_datalist(dataset_dir, [parser["train_split"], parser["val_split"]])
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     config_file = output_dir / "config.json"
     meta_file = output_dir / "metadata.json"
     write_json(config_file, parser.config)
@@ -242,7 +294,7 @@ def run_bundle(
             "-m", "monai.bundle", "run", "--config_file", str(config_file), "--meta_file", str(meta_file),
         ]  # fmt: skip
         logger.info("launching %s", " ".join(cmd))
-        result = subprocess.run(cmd, check=False)
+        result = subprocess.run(cmd, check=False)  # the workers see HELD_LOCK_ENV: the lock is this process's
         if result.returncode != 0:
             raise MkdError(f"distributed run failed (exit {result.returncode}); see the log above")
     summary = summarize_run(output_dir)

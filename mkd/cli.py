@@ -328,7 +328,6 @@ def _run_training(
     seed,
     overrides: dict,
 ) -> dict:
-    import shutil
     from pathlib import Path
 
     from mkd.bundle import parse_overrides, run_bundle
@@ -336,8 +335,6 @@ def _run_training(
     output = Path(output_dir or f"runs/{bundle}-{arch}")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume exclude each other")
-    if overwrite and output.exists():
-        shutil.rmtree(output)
     overrides = {"arch": arch, **overrides}
     if epochs is not None:
         overrides["epochs"] = epochs
@@ -361,6 +358,7 @@ def _run_training(
         nproc=nproc,
         seed=seed,
         device=device,
+        overwrite=overwrite,
     )
     _print_summary(summary)
     return summary

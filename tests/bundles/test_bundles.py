@@ -369,3 +369,47 @@ def test_distill_with_transfer_set_never_reads_labels_outside_the_students_half(
     assert len(index["rows"]) == n_student + n_transfer  # the teacher saw every transfer slice
     assert {k.split(":")[0] for k in index["rows"]} >= others
     assert torch.load(out / "models" / "model.pt", weights_only=True)["run"]["transfer"] is True
+
+
+def test_a_second_run_into_a_locked_folder_stops_at_once_naming_the_owner(tiny_prepared, tmp_path):
+    """Two trainings into one --output both started and interleaved metrics.csv (issue 12, case 1)."""
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / "run.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": "09:00:00"}))
+    with pytest.raises(MkdError) as err:
+        run_bundle("student", out, tiny_prepared, overrides=TINY_STUDENT, overwrite=True)
+    assert str(err.value) == (
+        f"{lock}: run run is being run by pid {os.getppid()} on {socket.gethostname()} since 09:00:00; "
+        "wait for it, or delete the lock file if that process is gone"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing written, nothing overwritten
+
+
+@pytest.mark.slow
+def test_two_training_processes_into_one_folder(tiny_prepared, tmp_path):
+    """A real second `mkd student` while the first trains: one Error line with the first's pid; the first goes on."""
+    out = tmp_path / "run"
+    args = ["student", "--data", str(tiny_prepared), "--output", str(out), "--set", "image_size=[32, 32]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "mkd", *args, "--epochs", "500"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (out / "models").is_dir() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / "run.lock").is_file()
+        from click.testing import CliRunner
+
+        from mkd.cli import cli
+
+        res = CliRunner().invoke(cli, [*args, "--epochs", "1", "--overwrite"])
+        assert res.exit_code == 1, res.output
+        assert res.output.splitlines()[-1].startswith(f"Error: {out / 'run.lock'}: run run is being run by pid "
+                                                      f"{first.pid} on ")  # fmt: skip
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
