@@ -34,6 +34,7 @@ __all__ = [
     "last_checkpoint",
     "check_datalist",
     "parse_overrides",
+    "check_setting_type",
     "KEY_METRIC",
     "key_metric_score",
     "RUN_LOCK",
@@ -149,14 +150,50 @@ def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | 
 
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
+    bundle = Path(files[0]).parent.parent.name
     for key, value in (overrides or {}).items():
         if strict and key not in parser:
             top = sorted(k for k in parser.config if not k.startswith("_"))
-            raise MkdError(
-                f"unknown bundle key {key!r} (in {Path(files[0]).parent.parent.name}); top-level keys: {', '.join(top)}"
-            )
+            raise MkdError(f"unknown bundle key {key!r} (in {bundle}); top-level keys: {', '.join(top)}")
+        if strict:
+            check_setting_type(key, value, parser[key], bundle)
         parser[key] = value
     return parser
+
+
+_KINDS: tuple[tuple[str, Any], ...] = (
+    ("true or false", lambda v: isinstance(v, bool)),
+    ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    ("a string", lambda v: isinstance(v, str)),
+    ("a list", lambda v: isinstance(v, list)),
+    ("a mapping", lambda v: isinstance(v, dict)),
+)
+
+
+def _kind(value: Any) -> str | None:
+    return next((name for name, test in _KINDS if test(value)), None)
+
+
+def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the") -> None:
+    """Refuse an override whose type differs from the bundle's setting (``--set epochs=abc``).
+
+    An integer is accepted for a number; a setting that is ``null`` or computed (``"$..."``,
+    ``"@..."``), and a value that is itself an expression or reference, are not checked.
+
+    Raises:
+        MkdError: e.g. ``--set epochs="abc": epochs is an integer in the student bundle (25), got a string``.
+    """
+    computed = lambda v: isinstance(v, str) and v[:1] in ("$", "@", "%")  # noqa: E731
+    if current is None or computed(current) or computed(value):
+        return
+    wanted = _kind(current)
+    if wanted is None or dict(_KINDS)[wanted](value):
+        return
+    raise MkdError(
+        f"--set {key}={json.dumps(value)}: {key} is {wanted} in the {bundle} bundle ({json.dumps(current)}), "
+        f"got {_kind(value) or type(value).__name__}"
+    )
 
 
 def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
@@ -173,7 +210,8 @@ def check_datalist(dataset_dir: str | os.PathLike, splits: Sequence[str]) -> Non
     """Fail early with a clear message when the prepared dataset or one of its splits is missing or empty.
 
     Raises:
-        InputError: no ``datalist.json`` in ``dataset_dir``, or a split missing or empty.
+        InputError: no ``datalist.json`` in ``dataset_dir``, a split missing or empty, or a slice
+            file of the splits missing (the message names the first and counts them).
     """
     path = Path(dataset_dir) / "datalist.json"
     if not path.is_file():
@@ -186,6 +224,17 @@ def check_datalist(dataset_dir: str | os.PathLike, splits: Sequence[str]) -> Non
         if not datalist.get(split):
             available = [k for k, v in datalist.items() if isinstance(v, list) and v]
             raise InputError(path, f"split {split!r} is missing or empty; non-empty splits: {', '.join(available)}")
+    listed = dict.fromkeys(
+        item[key] for split in splits for item in datalist[split] if isinstance(item, dict)
+        for key in ("image", "label") if isinstance(item.get(key), str)
+    )  # fmt: skip
+    missing = [f for f in listed if not (Path(dataset_dir) / f).is_file()]
+    if missing:
+        raise InputError(
+            Path(dataset_dir) / missing[0],
+            f"slice file listed in datalist.json ({'/'.join(splits)}) is missing; {len(missing)} of the "
+            f"{len(listed)} files of those splits are missing; run `mkd prepare` again",
+        )
 
 
 def run_bundle(
@@ -227,6 +276,10 @@ def run_bundle(
         ``best_val_pooled_dice`` (:data:`KEY_METRIC`) and the other ``best_val_*`` metrics of that epoch,
         ``epochs`` and ``seconds``.
 
+    An error raised before the first epoch is saved (a bad setting, a bad teacher, missing
+    data) removes what the run wrote (``config.json``, ``metadata.json``, logs), so the next
+    attempt starts clean.
+
     Raises:
         MkdError / InputError: bad options, missing data, nothing to resume, existing output,
             another process running in ``output_dir``.
@@ -257,14 +310,31 @@ def run_bundle(
     try:
         with hold_lock(output_dir / RUN_LOCK, f"run {output_dir.name}"):
             if overwrite:
-                for entry in output_dir.iterdir():
-                    if entry.name != RUN_LOCK:
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            return _run_locked(name, parser, files, output_dir, dataset_dir, ckpt_dir, resume, nproc)
+                _remove(e for e in output_dir.iterdir() if e.name != RUN_LOCK)
+            before = {e.name for e in output_dir.iterdir()}
+            saved = _epoch_checkpoints(ckpt_dir)
+            try:
+                return _run_locked(name, parser, files, output_dir, dataset_dir, ckpt_dir, resume, nproc)
+            except BaseException:
+                if _epoch_checkpoints(ckpt_dir).items() <= saved.items():  # failed before its first epoch ended
+                    _remove(e for e in output_dir.iterdir() if e.name not in before)
+                raise
     except BaseException:
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
+
+
+def _remove(entries) -> None:
+    for entry in list(entries):
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _epoch_checkpoints(ckpt_dir: Path) -> dict[str, int]:
+    """``{file name: mtime_ns}`` of the ``checkpoint_epoch=N.pt`` files in ``ckpt_dir``."""
+    if not ckpt_dir.is_dir():
+        return {}
+    return {p.name: p.stat().st_mtime_ns for p in ckpt_dir.glob("checkpoint_epoch=*.pt")}
 
 
 def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_dir: Path, resume, nproc):

@@ -185,6 +185,7 @@ def test_wrong_arch_is_a_clear_error(tiny_prepared, tmp_path):
     assert result.exit_code == 2 and "Invalid value for '--arch'" in result.output
     with pytest.raises(MkdError, match=r"bad bundle setting: unknown network .t9.; expected one of unet, t1, t2"):
         run_bundle("student", tmp_path / "y", tiny_prepared, overrides={"arch": "t9", "epochs": 1})
+    assert not (tmp_path / "y").exists()  # config.json and metadata.json were left behind (issue 12, case 4)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_prepared, tmp_path):
@@ -413,3 +414,71 @@ def test_two_training_processes_into_one_folder(tiny_prepared, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("epochs", "abc", 'epochs="abc": epochs is an integer in the student bundle (25), got a string'),
+        ("epochs", 2.5, "epochs=2.5: epochs is an integer in the student bundle (25), got a number"),
+        ("image_size", 32, "image_size=32: image_size is a list in the student bundle ([96, 96]), got an integer"),
+        ("amp_x", 1, None),
+    ],
+)
+def test_a_set_value_of_the_wrong_type_is_one_line_before_any_file(tiny_prepared, tmp_path, key, value, problem):
+    """--set epochs=abc ended in ignite's TypeError after 65 lines, with a half-made run folder (case 3)."""
+    if problem is None:  # an unknown key stays its own error
+        with pytest.raises(MkdError, match="unknown bundle key 'amp_x'"):
+            run_bundle("student", tmp_path / "run", tiny_prepared, overrides={key: value})
+        return
+    with pytest.raises(MkdError) as err:
+        run_bundle("student", tmp_path / "run", tiny_prepared, overrides={key: value})
+    assert str(err.value) == f"--set {problem}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_setting_types_accept_what_the_bundle_can_use():
+    from mkd.bundle import check_setting_type
+
+    check_setting_type("learning_rate", 1, 0.01)  # an integer is a number
+    check_setting_type("epochs", "$2 * 3", 25)  # an expression is the user's to get right
+    check_setting_type("baseline_ckpt", "runs/s1/models/model.pt", None)  # an unset setting takes anything
+    check_setting_type("amp", True, "$@device.type == 'cuda'")  # a computed setting too
+    with pytest.raises(MkdError, match=r"--set pmd=1: pmd is true or false in the distill bundle \(false\), got"):
+        check_setting_type("pmd", 1, False, "distill")
+
+
+def test_a_missing_slice_file_is_found_at_start(tiny_prepared, tmp_path):
+    """A prepared dataset with images/*.npy missing failed after 105 lines of traceback (case 3)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_prepared, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    listed = {item[k] for split in ("student", "validation") for item in datalist[split] for k in ("image", "label")}
+    gone = sorted(listed)[:2]
+    for f in gone:
+        (data / f).unlink()
+    with pytest.raises(InputError) as err:
+        run_bundle("student", tmp_path / "run", data, overrides=TINY_STUDENT)
+    assert str(err.value) == (
+        f"{data / gone[0]}: slice file listed in datalist.json (student/validation) is missing; 2 of the "
+        f"{len(listed)} files of those splits are missing; run `mkd prepare` again"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_error_before_the_first_epoch_leaves_no_files(tiny_prepared, tmp_path):
+    """A text-file teacher left config.json and metadata.json behind (case 4); earlier files stay."""
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_text("not a checkpoint\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")  # e.g. mkd ablate's, written before the training
+    overrides = {**TINY_STUDENT, "teacher_ckpt": str(teacher), "epochs": 1, "use_cache": False}
+    with pytest.raises(InputError, match="not a PyTorch checkpoint"):
+        run_bundle("distill", run, tiny_prepared, overrides=overrides)
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+    with pytest.raises(InputError, match="not a PyTorch checkpoint"):
+        run_bundle("distill", tmp_path / "new", tiny_prepared, overrides=overrides)
+    assert not (tmp_path / "new").exists()
