@@ -32,6 +32,7 @@ __all__ = [
     "compose_config",
     "run_bundle",
     "last_checkpoint",
+    "resume_point",
     "check_datalist",
     "parse_overrides",
     "check_setting_type",
@@ -196,14 +197,32 @@ def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the") 
     )
 
 
-def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (the resume point), or ``None``."""
-    best: tuple[int, Path] | None = None
+def _epoch_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint_epoch=N.pt`` files of ``ckpt_dir``, oldest epoch first."""
+    found = []
     for p in Path(ckpt_dir).glob("checkpoint_epoch=*.pt"):
         m = re.search(r"epoch=(\d+)\.pt$", p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return None if best is None else str(best[1])
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resume_point(ckpt_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The newest complete ``checkpoint_epoch=N.pt`` and the truncated ones newer than it.
+
+    ``torch.save`` writes a zip archive; a file cut off while being written (a killed run)
+    has no zip directory and is passed over for the newest complete one.
+    """
+    files = _epoch_files(ckpt_dir)
+    valid = [p for p in files if zipfile.is_zipfile(p)]
+    last = valid[-1] if valid else None
+    newer_bad = [str(p) for p in files[files.index(last) + 1 :]] if last is not None else [str(p) for p in files]
+    return (None if last is None else str(last)), newer_bad
+
+
+def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (the resume point), or ``None``."""
+    return resume_point(ckpt_dir)[0]
 
 
 def check_datalist(dataset_dir: str | os.PathLike, splits: Sequence[str]) -> None:
@@ -340,13 +359,16 @@ def _epoch_checkpoints(ckpt_dir: Path) -> dict[str, int]:
 def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_dir: Path, resume, nproc):
     """The part of :func:`run_bundle` done while holding the run's lock."""
     if resume:
-        last = last_checkpoint(ckpt_dir)
+        last, truncated = resume_point(ckpt_dir)
+        if last is None and truncated:
+            raise InputError(
+                truncated[-1], "truncated or not a checkpoint (was the run killed while writing it?) and no earlier "
+                "complete checkpoint_epoch=N.pt to resume from; start the run again with --overwrite"
+            )  # fmt: skip
         if last is None:
             raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
-        if not zipfile.is_zipfile(last):  # torch.save writes a zip archive; a cut-off one has no directory
-            raise InputError(
-                last, "truncated or not a checkpoint (was the run killed while writing it?); run without --resume"
-            )
+        for bad in truncated:
+            logger.warning("%s: truncated (was the run killed while writing it?); resuming from %s", bad, last)
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
 

@@ -341,9 +341,11 @@ def _run_training(
     overrides.update(parse_overrides(sets))
     click.echo(f"mkd {bundle}: arch={arch} profile={profile} data={data_dir} output={output}")
     if resume:
-        from mkd.bundle import last_checkpoint
+        from mkd.bundle import resume_point
 
-        ckpt = last_checkpoint(output / "models")
+        ckpt, truncated = resume_point(output / "models")
+        for bad in truncated if ckpt is not None else ():
+            click.echo(f"{bad}: truncated (was the run killed while writing it?); skipped")
         if ckpt is not None:
             done = int(Path(ckpt).stem.split("=")[1])
             total = overrides.get("epochs", "?")

@@ -14,6 +14,7 @@ either exists whole or not at all, and the newest complete one is always on disk
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,9 +35,10 @@ class _AtomicDiskSaver(DiskSaver):
     new one; this saver defers that removal until the new file is complete.
     """
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
+    def __init__(self, dirname: str, filename: str | None = None, keep_one: bool = False) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self.keep_one = keep_one
         self._outgoing: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
@@ -47,6 +49,22 @@ class _AtomicDiskSaver(DiskSaver):
             if old != filename:  # the same name was just replaced atomically
                 super().remove(old)
         self._outgoing = []
+        if self.keep_one:
+            self._remove_earlier_runs_files(filename)
+
+    def _remove_earlier_runs_files(self, filename: str) -> None:
+        """Delete ``<prefix>=N.pt`` files of the same series that ignite does not track.
+
+        ignite only deletes files it saved in this process: after ``--resume`` the checkpoint
+        resumed from (and any truncated one beside it) would otherwise stay forever.
+        """
+        m = re.fullmatch(r"(.*=)\d+(\.\w+)", filename)
+        if m is None:
+            return
+        series = re.compile(re.escape(m.group(1)) + r"\d+" + re.escape(m.group(2)))
+        for other in os.listdir(self.dirname):
+            if other != filename and series.fullmatch(other):
+                super().remove(other)
 
     def remove(self, filename: str) -> None:
         self._outgoing.append(self.filename or filename)
@@ -67,6 +85,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         checkpoints = [c for c in (getattr(self, name, None) for name in names) if c is not None]
         if not checkpoints:
             raise RuntimeError("AtomicCheckpointSaver: this MONAI version's CheckpointSaver has no savers to replace")
-        for ckpt in checkpoints:
+        for name, ckpt in zip(names, (getattr(self, name, None) for name in names)):
+            if ckpt is None:
+                continue
             old = ckpt.save_handler
-            ckpt.save_handler = _AtomicDiskSaver(str(old.dirname), getattr(old, "filename", None))
+            keep_one = name == "_interval_checkpoint" and ckpt.n_saved == 1
+            ckpt.save_handler = _AtomicDiskSaver(str(old.dirname), getattr(old, "filename", None), keep_one)

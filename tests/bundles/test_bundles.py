@@ -200,9 +200,9 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_prepared, tmp_
     with pytest.raises(InputError) as err:
         run_bundle("student", tmp_path / "z", tiny_prepared, resume=True)
     assert str(err.value) == (
-        f"{models / 'checkpoint_epoch=1.pt'}: truncated or not a checkpoint "
-        "(was the run killed while writing it?); run without --resume"
-    )
+        f"{models / 'checkpoint_epoch=1.pt'}: truncated or not a checkpoint (was the run killed while writing it?) "
+        "and no earlier complete checkpoint_epoch=N.pt to resume from; start the run again with --overwrite"
+    )  # not "run without --resume", which asked for --resume or --overwrite: a circle (issue 12, case 5)
 
 
 def _schema_errors(value, schema, root, where="metadata"):
@@ -482,3 +482,24 @@ def test_an_error_before_the_first_epoch_leaves_no_files(tiny_prepared, tmp_path
     with pytest.raises(InputError, match="not a PyTorch checkpoint"):
         run_bundle("distill", tmp_path / "new", tiny_prepared, overrides=overrides)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_resume_passes_over_a_truncated_checkpoint_to_the_newest_complete_one(tiny_prepared, tmp_path):
+    """The older valid checkpoint beside a truncated one was never offered (issue 12, case 5)."""
+    from click.testing import CliRunner
+
+    from mkd.cli import cli
+
+    out = tmp_path / "run"
+    args = ["student", "--data", str(tiny_prepared), "--output", str(out), "--set", "image_size=[32, 32]"]
+    assert CliRunner().invoke(cli, [*args, "--epochs", "1"]).exit_code == 0
+    models = out / "models"
+    (models / "checkpoint_epoch=2.pt").write_bytes(b"PK\x03\x04 cut off")  # killed while writing epoch 2
+    res = CliRunner().invoke(cli, [*args, "--epochs", "3", "--resume"])
+    assert res.exit_code == 0, res.output
+    skipped = f"{models / 'checkpoint_epoch=2.pt'}: truncated (was the run killed while writing it?); skipped"
+    assert skipped in res.output
+    assert f"resuming from {models / 'checkpoint_epoch=1.pt'} (epoch 1 of 3)" in res.output
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "model.pt"]
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3]

@@ -69,3 +69,20 @@ def test_checkpoints_follow_the_umask(tmp_path):
         os.umask(old)
     assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=2.pt"]
     assert stat.S_IMODE((tmp_path / "model_epoch=2.pt").stat().st_mode) == 0o644
+
+
+def test_a_resumed_run_removes_the_checkpoint_it_resumed_from(tmp_path):
+    """checkpoint_epoch=4.pt (resumed from) and a truncated =5.pt stayed on disk forever (issue 12, case 5)."""
+    from ignite.engine import Events
+
+    net = torch.nn.Linear(2, 1)
+    torch.save({"model": net.state_dict()}, tmp_path / "checkpoint_epoch=4.pt")
+    (tmp_path / "checkpoint_epoch=5.pt").write_bytes(b"PK\x03\x04 cut off")
+    (tmp_path / "model.pt").write_bytes(b"best")  # another series: kept
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 4))  # as CheckpointLoader does
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    AtomicCheckpointSaver(str(tmp_path), {"model": net, "optimizer": opt}, save_interval=1, n_saved=1,
+                          epoch_level=True).attach(engine)  # fmt: skip
+    engine.run([0], max_epochs=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=6.pt", "model.pt"]
