@@ -463,6 +463,11 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     help="Teacher checkpoint (from `mkd teacher`).",
 )
 @click.option(
+    "--allow-student-teacher",
+    is_flag=True,
+    help="Accept a student or distilled checkpoint as --teacher, on purpose (refused otherwise).",
+)
+@click.option(
     "--scales",
     default="bn",
     show_default=True,
@@ -539,6 +544,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @_user_errors
 def distill(
     teacher_ckpt,
+    allow_student_teacher,
     arch,
     scales,
     feature_loss,
@@ -578,6 +584,7 @@ def distill(
         raise MkdError(f"{teacher_ckpt}: teacher checkpoint not found; train one with `mkd teacher` or pass --teacher")
     overrides: dict = {
         "teacher_ckpt": str(Path(teacher_ckpt).resolve()),
+        "allow_student_teacher": allow_student_teacher,
         "scales": scale_list,
         "weight_overrides": weight_overrides,
         "pmd": pmd,

@@ -156,24 +156,45 @@ def distillation_weights(
 
 
 def load_teacher(
-    path: str | os.PathLike, device: torch.device | str = "cpu", image_size: Sequence[int] | None = None
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    image_size: Sequence[int] | None = None,
+    allow_student: bool = False,
 ) -> torch.nn.Module:
     """Load a teacher checkpoint (weights only), frozen and in eval mode.
+
+    The checkpoint's role (``run.role``, see :func:`mkd.networks.checkpoint_role`) must be
+    ``teacher``: a student or distilled checkpoint is refused unless ``allow_student``
+    (``--allow-student-teacher``). A checkpoint without a recorded role is taken as a
+    teacher when it holds a teacher architecture (t1, t2, unet; with a warning) and as a
+    student when it holds s1 or s2.
 
     Args:
         path: a checkpoint written by the teacher bundle (``models/model.pt``).
         device: where to put the teacher.
         image_size: the slice size of the distillation run; when the checkpoint records the
             size its teacher was trained on, a different one is an error.
+        allow_student: accept a student or distilled checkpoint as the teacher, on purpose.
 
     Raises:
-        InputError: missing or unreadable checkpoint, or a teacher-student input-size mismatch.
+        InputError: missing or unreadable checkpoint, not a teacher, or a teacher-student
+            input-size mismatch.
     """
-    from mkd.networks import load_network
+    from mkd.networks import STUDENTS, checkpoint_role, load_network
 
     if not os.path.isfile(path):
         raise InputError(path, "teacher checkpoint not found; train one with `mkd teacher` (or pass --teacher)")
     teacher, ckpt = load_network(path, map_location="cpu")
+    role = checkpoint_role(ckpt)
+    if role is None:
+        role = "student" if teacher.network_name in STUDENTS else "teacher"
+        logger.warning("%s records no role (teacher / student / distilled); taken as a %s (%r network)",
+                       path, role, teacher.network_name)  # fmt: skip
+    if role != "teacher" and not allow_student:
+        raise InputError(
+            path, f"is a {role} checkpoint ({teacher.network_name!r}), not a teacher; pass a checkpoint of "
+            "`mkd teacher`, or --allow-student-teacher to distil from it on purpose"
+        )  # fmt: skip
     trained = (ckpt.get("run") or {}).get("image_size")
     if image_size is not None and trained is not None and list(trained) != list(image_size):
         raise InputError(

@@ -9,7 +9,14 @@ teachers). See ``docs/networks.md``.
 from __future__ import annotations
 
 from mkd.networks.base import SCALES, MkdNetwork
-from mkd.networks.checkpoint import NetworkInfo, load_checkpoint, load_network, save_checkpoint
+from mkd.networks.checkpoint import (
+    NetworkInfo,
+    checkpoint_role,
+    load_checkpoint,
+    load_network,
+    save_checkpoint,
+    task_heads,
+)
 from mkd.networks.recorder import (
     FeatureRecorder,
     ScaleInfo,
@@ -49,4 +56,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_network",
+    "checkpoint_role",
+    "task_heads",
 ]

@@ -20,7 +20,7 @@ from mkd.networks.recorder import unwrap_model
 from mkd.networks.registry import NETWORKS, build
 from mkd.utils import atomic_file
 
-__all__ = ["NetworkInfo", "save_checkpoint", "load_checkpoint", "load_network"]
+__all__ = ["NetworkInfo", "save_checkpoint", "load_checkpoint", "load_network", "task_heads", "checkpoint_role"]
 
 
 class NetworkInfo:
@@ -212,3 +212,25 @@ def load_network(
         model.to(map_location)
     model.eval()
     return model, ckpt
+
+
+#: checkpoint roles, and the role of each training bundle's checkpoints (for files written before roles were recorded)
+ROLES = ("teacher", "student", "distilled")
+_ROLE_OF_BUNDLE = {"teacher": "teacher", "student": "student", "distill": "distilled"}
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """The output heads of an mkd network: ``["segmentation"]``, plus ``"reconstruction"`` for multi-task teachers."""
+    scales = getattr(unwrap_model(model), "feature_scales", {})
+    return ["segmentation"] + (["reconstruction"] if "recon" in scales else [])
+
+
+def checkpoint_role(ckpt: Mapping[str, Any]) -> str | None:
+    """The role recorded in a checkpoint: ``"teacher"``, ``"student"``, ``"distilled"`` or ``None``.
+
+    Read from ``ckpt["run"]["role"]``; a checkpoint of a bundle run written before roles were
+    recorded gets its bundle's role (``run.bundle``); one without run metadata has none.
+    """
+    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
+    role = run.get("role") or _ROLE_OF_BUNDLE.get(str(run.get("bundle")))
+    return role if role in ROLES else None

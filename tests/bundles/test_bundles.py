@@ -503,3 +503,10 @@ def test_resume_passes_over_a_truncated_checkpoint_to_the_newest_complete_one(ti
     assert f"resuming from {models / 'checkpoint_epoch=1.pt'} (epoch 1 of 3)" in res.output
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "model.pt"]
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bundle_checkpoints_record_their_role_and_task_heads(teacher_run):
+    out, _ = teacher_run
+    run = torch.load(out / "models" / "model.pt", weights_only=True)["run"]
+    assert run["role"] == "teacher" and run["tasks"] == ["segmentation", "reconstruction"]

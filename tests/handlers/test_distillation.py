@@ -220,3 +220,33 @@ def test_pooling_before_the_linear_heads_gives_the_loss_of_pooling_after():
             t_pooled = match_spatial(t, s.shape[2:]).mean(dim=(2, 3), keepdim=True)
             before = handler.feature_loss(*projector(scale, s.mean(dim=(2, 3), keepdim=True), t_pooled))
             torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_that_is_not_a_teacher_is_refused_as_teacher(tmp_path, caplog):
+    """A student checkpoint passed as --teacher ran an s1 -> s1 'distillation' without a word (issue 12, case 2)."""
+    from mkd.errors import InputError
+    from mkd.handlers import load_teacher
+    from mkd.networks import build, checkpoint_role, save_checkpoint, task_heads
+
+    student = save_checkpoint(tmp_path / "s.pt", build("s1"), run={"bundle": "student", "role": "student"})
+    with pytest.raises(InputError) as err:
+        load_teacher(student)
+    assert str(err.value) == (
+        f"{student}: is a student checkpoint ('s1'), not a teacher; pass a checkpoint of `mkd teacher`, "
+        "or --allow-student-teacher to distil from it on purpose"
+    )
+    assert load_teacher(student, allow_student=True).network_name == "s1"  # on purpose
+    # written before roles were recorded: the bundle names the role; no metadata: the architecture does
+    old_distilled = save_checkpoint(tmp_path / "d.pt", build("s1"), run={"bundle": "distill"})
+    with pytest.raises(InputError, match="is a distilled checkpoint"):
+        load_teacher(old_distilled)
+    with pytest.raises(InputError, match="is a student checkpoint"):
+        load_teacher(save_checkpoint(tmp_path / "bare_s2.pt", build("s2")))
+    teacher = build("t1", "tiny")
+    bare_t1 = save_checkpoint(tmp_path / "t.pt", teacher)
+    assert load_teacher(bare_t1).network_name == "t1"
+    assert "records no role (teacher / student / distilled); taken as a teacher ('t1' network)" in caplog.text
+    assert checkpoint_role({"run": {"role": "teacher", "bundle": "student"}}) == "teacher"
+    assert checkpoint_role({"model": {}}) is None
+    assert task_heads(teacher) == ["segmentation", "reconstruction"]
+    assert task_heads(build("unet", "tiny")) == task_heads(build("s1")) == ["segmentation"]
