@@ -103,7 +103,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here is a bad file
-        raise InputError(path, _load_problem(path, err)) from None
+        raise InputError(path, f"cannot read: {_load_problem(path, err)}") from None
     if not isinstance(ckpt, dict):
         raise InputError(path, f"holds a {type(ckpt).__name__}; expected a dict checkpoint")
     return ckpt

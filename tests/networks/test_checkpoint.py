@@ -120,7 +120,7 @@ def test_load_errors_are_mkd_words_and_never_suggest_unsafe_loading(tmp_path, ca
         with pytest.raises(InputError) as err:
             load_checkpoint(path)
         message = str(err.value)
-        assert message.startswith(f"{path}: {problem}")
+        assert message.startswith(f"{path}: cannot read: {problem}")
         assert "weights_only=False" not in message and "weights_only` set to `False`" not in message
         assert "\n" not in message and err.value.__cause__ is None
     assert "unpickled" not in capsys.readouterr().out  # nothing in the files ran
