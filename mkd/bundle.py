@@ -368,7 +368,7 @@ def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_d
         if last is None:
             raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
         for bad in truncated:
-            logger.warning("%s: truncated (was the run killed while writing it?); resuming from %s", bad, last)
+            logger.info("%s: truncated (was the run killed while writing it?); resuming from %s", bad, last)
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
 
