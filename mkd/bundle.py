@@ -1,5 +1,8 @@
-"""Run mkd's MONAI bundles: compose config files, apply overrides, run in-process or through torchrun.
+"""Run mkd's MONAI bundle: compose config files, apply overrides, run in-process or through torchrun.
 
+``bundles/mkd`` is one MONAI bundle with three roles: ``configs/train.json`` holds everything
+the roles share, ``teacher.json`` / ``student.json`` / ``distill.json`` only what differs, and the
+profiles sizes and epochs. A run merges ``[train, ROLE, profile]`` (:func:`bundle_configs`).
 The CLI commands ``mkd teacher``, ``mkd student`` and ``mkd distill`` are thin
 wrappers around :func:`run_bundle`. Every run writes its fully merged config
 (``config.json``) and the bundle metadata beside its checkpoints, so that
@@ -27,7 +30,10 @@ from mkd.utils import write_json
 
 __all__ = [
     "BUNDLES",
+    "ROLES",
+    "PROFILES",
     "bundles_dir",
+    "bundle_dir",
     "bundle_configs",
     "compose_config",
     "run_bundle",
@@ -45,9 +51,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the bundles shipped in ``bundles/``
-BUNDLES = ("teacher", "student", "distill")
+#: the roles of the bundle ``bundles/mkd``: each is a config file ``configs/ROLE.json`` listed after ``train.json``
+ROLES = ("teacher", "student", "distill")
+#: what ``mkd teacher|student|distill`` and the ablation grids call a bundle: one role of ``bundles/mkd``
+BUNDLES = ROLES
+#: the profiles: ``configs/profile_NAME.json``, or ``profile_NAME_ROLE.json`` where a role has its own
 PROFILES = ("cpu", "thesis")
+#: the bundle's folder name in :func:`bundles_dir`
+BUNDLE = "mkd"
 #: the validation metric every bundle selects ``models/model.pt`` on (and the teacher stops early on):
 #: Dice of TP / FP / FN pooled over all validation slices, so false positives on slices without
 #: the organ count (``MeanDice`` with ``ignore_empty`` skips those slices)
@@ -92,24 +103,39 @@ def bundles_dir() -> Path:
     return path
 
 
+def bundle_dir() -> Path:
+    """The bundle ``bundles/mkd`` (``$MKD_BUNDLES/mkd``)."""
+    return bundles_dir() / BUNDLE
+
+
 def bundle_configs(name: str, profile: str | None = "cpu", extra: Sequence[str] = ()) -> list[Path]:
-    """The config files of bundle ``name``, in merge order: ``train.json``, the profile, then ``extra``.
+    """The config files of role ``name``, in merge order: ``train.json``, ``NAME.json``, the profile, ``extra``.
+
+    The profile is ``profile_PROFILE_NAME.json`` when the role has its own (the teacher's CPU
+    profile), else ``profile_PROFILE.json``.
 
     Args:
-        name: one of :data:`BUNDLES`.
-        profile: ``"cpu"``, ``"thesis"`` or ``None`` (``train.json`` as it is).
+        name: one of :data:`ROLES`.
+        profile: ``"cpu"``, ``"thesis"`` or ``None`` (the role's own settings as they are).
         extra: further config names of the bundle, e.g. ``("multi_gpu_train",)`` or ``("evaluate",)``.
 
     Raises:
-        MkdError: unknown bundle, profile or config name.
+        MkdError: unknown role, profile or config name.
+
+    Example:
+        >>> [f.name for f in bundle_configs("teacher", "cpu")]
+        ['train.json', 'teacher.json', 'profile_cpu_teacher.json']
     """
-    if name not in BUNDLES:
-        raise MkdError(f"unknown bundle {name!r}; available: {', '.join(BUNDLES)}")
+    if name not in ROLES:
+        raise MkdError(f"unknown bundle {name!r}; available: {', '.join(ROLES)}")
     if profile is not None and profile not in PROFILES:
         raise MkdError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)}")
-    configs = bundles_dir() / name / "configs"
-    names = ["train"] + ([f"profile_{profile}"] if profile else []) + list(extra)
-    files = [configs / f"{n}.json" for n in names]
+    configs = bundle_dir() / "configs"
+    names = ["train", name]
+    if profile:
+        own = f"profile_{profile}_{name}"
+        names.append(own if (configs / f"{own}.json").is_file() else f"profile_{profile}")
+    files = [configs / f"{n}.json" for n in names + list(extra)]
     for f in files:
         if not f.is_file():
             raise MkdError(f"{f}: bundle config not found")
@@ -151,7 +177,7 @@ def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | 
 
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
-    bundle = Path(files[0]).parent.parent.name
+    bundle = _role_of(files)
     for key, value in (overrides or {}).items():
         if strict and key not in parser:
             top = sorted(k for k in parser.config if not k.startswith("_"))
@@ -160,6 +186,12 @@ def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | 
             check_setting_type(key, value, parser[key], bundle)
         parser[key] = value
     return parser
+
+
+def _role_of(files: Sequence[os.PathLike]) -> str:
+    """The role a list of config files runs (``student`` for ``[train.json, student.json, ...]``), for messages."""
+    stems = [Path(f).stem for f in files]
+    return next((s for s in stems if s in ROLES), Path(files[0]).parent.parent.name)
 
 
 _KINDS: tuple[tuple[str, Any], ...] = (

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mkd.bundle import BUNDLES, bundles_dir, compose_config, last_checkpoint, run_bundle
+from mkd.bundle import bundle_dir, compose_config, last_checkpoint, run_bundle
 from mkd.errors import InputError, MkdError
 
 # tiny but real: 32x32 slices, CPU-sized networks, one epoch
@@ -154,14 +154,33 @@ def test_two_process_distill_epoch(teacher_run, tiny_prepared, tmp_path):
 @pytest.mark.slow
 def test_monai_bundle_run_runs_the_same_bundle(tiny_prepared, tmp_path):
     out = tmp_path / "mb"
-    cmd = [sys.executable, "-m", "monai.bundle", "run",
-           "--config_file", str(ROOT / "bundles/student/configs/train.json"),
+    configs = [str(ROOT / "bundles/mkd/configs" / f) for f in ("train.json", "student.json")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs),
            "--dataset_dir", str(tiny_prepared), "--output_dir", str(out),
            "--epochs", "1", "--image_size", "[32, 32]", "--batch_size", "8"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "models" / "model.pt").is_file()
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1]
+    assert torch.load(out / "models" / "model.pt", weights_only=True)["run"]["role"] == "student"
+
+
+@pytest.mark.slow
+def test_monai_bundle_run_distills_with_the_list_of_configs(teacher_run, tiny_prepared, tmp_path):
+    """`python -m monai.bundle run --config_file "['train.json','distill.json']"` is the same run as `mkd distill`."""
+    teacher_dir, _ = teacher_run
+    out = tmp_path / "mbd"
+    configs = [str(ROOT / "bundles/mkd/configs" / f) for f in ("train.json", "distill.json")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs),
+           "--dataset_dir", str(tiny_prepared), "--output_dir", str(out), "--epochs", "1",
+           "--image_size", "[32, 32]", "--batch_size", "8", "--pmd", "true",
+           "--teacher_ckpt", str(teacher_dir / "models" / "model.pt")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert ckpt["run"]["role"] == "distilled" and ckpt["run"]["bundle"] == "distill"
+    df = pd.read_csv(out / "metrics.csv")
+    assert df["train_contrastive_bn"].iloc[0] > 0 and df["train_pmd"].iloc[0] > 0
 
 
 def test_unknown_override_key_is_a_clear_error(tiny_prepared, tmp_path):
@@ -240,9 +259,8 @@ def _schema_errors(value, schema, root, where="metadata"):
 METADATA_SCHEMA = ROOT / "bundles" / "metadata_schema.json"
 
 
-@pytest.mark.parametrize("name", list(BUNDLES))
-def test_metadata_validates_against_the_shipped_schema_offline(name):
-    meta_file = bundles_dir() / name / "configs" / "metadata.json"
+def test_metadata_validates_against_the_shipped_schema_offline():
+    meta_file = bundle_dir() / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())
     schema = json.loads(METADATA_SCHEMA.read_text())
     assert _schema_errors(meta, schema, schema) == []
@@ -258,7 +276,7 @@ def test_metadata_validates_against_the_shipped_schema_offline(name):
 
 def test_schema_check_catches_what_monai_would_misread():
     schema = json.loads(METADATA_SCHEMA.read_text())
-    meta = json.loads((bundles_dir() / "teacher" / "configs" / "metadata.json").read_text())
+    meta = json.loads((bundle_dir() / "configs" / "metadata.json").read_text())
     meta["optional_packages_version"] = {"itk": "5.4.7"}
     del meta["required_packages_version"]["pytorch-ignite"]
     meta["network_data_format"]["inputs"]["image"]["num_channels"] = "3"
@@ -269,8 +287,7 @@ def test_schema_check_catches_what_monai_would_misread():
     ]
 
 
-@pytest.mark.parametrize("name", list(BUNDLES))
-def test_monai_reads_the_required_packages_of_every_bundle(name):
+def test_monai_reads_the_required_packages_of_the_bundle():
     """MONAI 1.6 reads optional_packages_version as required_packages_version, replacing it (issue 12, case 6)."""
     import warnings
 
@@ -279,22 +296,25 @@ def test_monai_reads_the_required_packages_of_every_bundle(name):
     parser = ConfigParser()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # MONAI warns when it renames a deprecated key
-        parser.read_meta(str(bundles_dir() / name / "configs" / "metadata.json"))
+        parser.read_meta(str(bundle_dir() / "configs" / "metadata.json"))
         required = parser.get_parsed_content("_meta_#required_packages_version")
     assert {"mkd", "monai", "torch", "pytorch-ignite", "nibabel"} <= set(required)
     assert required["monai"] == parser["_meta_#monai_version"]
     assert "optional_packages_version" not in parser["_meta_"]
 
 
-@pytest.mark.parametrize("name", list(BUNDLES))
-def test_bundle_layout_matches_the_model_zoo(name):
-    root = bundles_dir() / name
-    for f in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "metadata.json",
-              "logging.conf", "profile_cpu.json", "profile_thesis.json"):  # fmt: skip
+def test_bundle_layout_matches_the_model_zoo():
+    root = bundle_dir()
+    for f in ("train.json", "teacher.json", "student.json", "distill.json", "evaluate.json", "inference.json",
+              "multi_gpu_train.json", "metadata.json", "logging.conf", "profile_cpu.json",
+              "profile_cpu_teacher.json", "profile_thesis.json"):  # fmt: skip
         assert (root / "configs" / f).is_file(), f
-    assert (root / "docs" / "README.md").is_file()
+    assert sorted(p.name for p in root.parent.iterdir() if p.is_dir()) == ["mkd"]  # one bundle, no copies
+    readme = (root / "docs" / "README.md").read_text()
+    for section in ("## Overview", "## Data", "## Training", "## Performance", "## Commands"):
+        assert section in readme, section
     # evaluate.json and inference.json are overrides of train.json: they parse only on top of it
-    parser = compose_config([root / "configs" / "train.json", root / "configs" / "evaluate.json"])
+    parser = compose_config([root / "configs" / f for f in ("train.json", "student.json", "evaluate.json")])
     assert parser["eval_split"] == "test"
 
 
