@@ -4,13 +4,18 @@ Attached to a stock :class:`monai.engines.SupervisedTrainer` whose network is
 the student, :class:`DistillationHandler` turns the trainer's segmentation loss
 ``L_seg`` into
 
-    L = w_seg * L_seg + sum_s w_s * L_feat(P_s(S_s), P_s(T_s)) + w_pmd * L_PMD(z_S, z_T)
+    L = w_seg * L_seg + sum over terms t of w_t * loss_t(student input, teacher input)
 
-before backward, where ``S_s`` / ``T_s`` are student / teacher features at scale
-``s`` (recorded with forward hooks), ``P_s`` are trainable projector heads
-(:class:`~mkd.networks.projector.ProjectorHeads`, which must be in the
-optimiser), ``L_feat`` is InfoNCE or feature MSE and ``L_PMD`` is the
-temperature-softened prediction-map KD. The student stays a plain logits-out
+before backward. The terms are declared, as torchdistill does: a mapping
+``{name: {"input": ..., "loss": ..., "weight": ...}}`` where ``input`` is a feature
+scale (``enc``, ``bn``, ``dec``: student / teacher features recorded with forward
+hooks and brought to a common shape by trainable projector heads
+:class:`~mkd.networks.projector.ProjectorHeads`, which must be in the optimiser)
+or ``"logits"`` (the student's and teacher's logits). ``loss`` is any callable
+(InfoNCE, feature MSE, prediction-map KD, or a new loss class) and ``weight`` its
+weight. :func:`distillation_terms` builds the terms of the CLI's settings
+(``--scales``, ``--loss``, ``--pmd``, ``--weights``, the recipes); a bundle adds
+its own under ``terms`` in ``distill.json``. The student stays a plain logits-out
 network, so stock evaluators, metrics, checkpoint savers and inferers work on
 it unchanged. The teacher is frozen (eval mode, no gradients); its outputs come
 either from a live forward pass or from the teacher cache
@@ -20,6 +25,7 @@ either from a live forward pass or from the teacher cache
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -40,6 +46,9 @@ else:
 
 __all__ = [
     "DistillationHandler",
+    "LOGITS",
+    "distillation_terms",
+    "needs_logits",
     "pools_features",
     "pool_spatial",
     "THESIS_WEIGHTS",
@@ -55,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 #: the thesis's T1 -> S1 weights (SPEC §3)
 THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
-_FEATURE_LOSSES = ("contrastive", "mse")
+#: the ``input`` of a distillation term that compares the student's and the teacher's logits
+LOGITS = "logits"
 
 #: Distillation recipes: default term weights and temperatures of a run (docs/distill.md).
 #: ``thesis`` is the thesis's T1 -> S1 setting (T = 4, tau = 0.4, in-batch negatives as they come);
@@ -63,12 +73,6 @@ _FEATURE_LOSSES = ("contrastive", "mse")
 #: gives the selection and the confirmation on fresh seeds). Any value can still be set on its own
 #: (``--weights``, ``--tau``, ``--pmd-temperature``, ``--neighbours``).
 RECIPES: dict[str, dict[str, Any]] = {
-    "thesis": {
-        "weights": dict(THESIS_WEIGHTS),
-        "temperature": 0.4,
-        "pmd_temperature": 4.0,
-        "neighbour_distance": 0,
-    },
     # chosen with grids/kd_select_cpu.yaml (candidate T1w1): the best mean best_val_pooled_dice over
     # seeds 0-2 of four B+PMD candidates; the enc / dec weights were not part of the selection
     "recommended": {
@@ -76,6 +80,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "temperature": 0.4,
         "pmd_temperature": 1.0,
         "neighbour_distance": 3,
+    },
+    "thesis": {
+        "weights": dict(THESIS_WEIGHTS),
+        "temperature": 0.4,
+        "pmd_temperature": 4.0,
+        "neighbour_distance": 0,
     },
 }
 DEFAULT_RECIPE = "recommended"
@@ -101,17 +111,76 @@ def recipe_setting(recipe: str, key: str) -> Any:
     return settings[key]
 
 
-def pools_features(loss: str, mode: str, projector_kind: str) -> bool:
-    """Whether features can be pooled *before* projection without changing the loss.
+def _term_pools(loss: Any, projector_kind: str | None) -> bool:
+    """Whether a feature term may pool its features *before* projection without changing its value.
 
-    Image-level InfoNCE compares one embedding per slice: the spatial mean of the
-    projected feature map. A linear head (1x1 conv) commutes with that mean, so
-    pooling first gives the same loss for a fraction of the cost (the head then
-    runs on one vector per slice instead of every location), and the teacher
-    cache can store one vector per slice and scale. Not for the mlp heads, the
-    pixel / supervised variants or the MSE loss, which need the maps.
+    Image-level InfoNCE compares one embedding per slice: the spatial mean of the projected
+    feature map (a loss says so with ``image_level``). A linear head (1x1 conv) commutes with that
+    mean, so pooling first gives the same loss for a fraction of the cost, and the teacher cache
+    can store one vector per slice and scale. Not for the mlp heads, the pixel / supervised
+    variants or the MSE loss, which need the maps.
     """
-    return loss == "contrastive" and mode == "image" and projector_kind == "linear"
+    return bool(getattr(loss, "image_level", False)) and projector_kind == "linear"
+
+
+def pools_features(terms: Mapping[str, Mapping[str, Any]], projector_kind: str | None) -> bool:
+    """Whether every feature term of ``terms`` pools before projection (the teacher cache then stores vectors)."""
+    return all(_term_pools(t["loss"], projector_kind) for t in terms.values() if t["input"] != LOGITS)
+
+
+def needs_logits(terms: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a weighted term of ``terms`` compares logits (the teacher cache then stores the teacher's)."""
+    return any(t["input"] == LOGITS and float(t["weight"]) > 0 for t in terms.values())
+
+
+def distillation_terms(
+    weights: Mapping[str, float],
+    loss: str = "contrastive",
+    temperature: float = 0.4,
+    mode: str = "image",
+    symmetric: bool = False,
+    max_samples: int = 1024,
+    pmd_temperature: float = 4.0,
+    neighbour_distance: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """The terms of the CLI's settings: one ``LOSS_SCALE`` term per weighted scale and ``pmd`` on the logits.
+
+    Args:
+        weights: ``{term: weight}`` of :func:`distillation_weights` (``seg``, the scales, ``pmd``).
+        loss: a name in :data:`mkd.losses.LOSSES` (``--loss``), the feature loss of every scale.
+        temperature, mode, symmetric, max_samples, neighbour_distance: settings of the feature
+            loss; each is given to it when its constructor takes that argument.
+        pmd_temperature: the temperature of :class:`~mkd.losses.PMDLoss`.
+
+    Returns:
+        ``{name: {"input": scale or "logits", "loss": module, "weight": float}}``, the scales in
+        the order of ``weights``, then ``pmd``.
+
+    Raises:
+        ValueError: ``loss`` is not in :data:`mkd.losses.LOSSES`.
+
+    Example:
+        >>> terms = distillation_terms({"seg": 1.0, "bn": 0.2, "pmd": 1.0})
+        >>> {k: (t["input"], type(t["loss"]).__name__, t["weight"]) for k, t in terms.items()}
+        {'contrastive_bn': ('bn', 'InfoNCELoss', 0.2), 'pmd': ('logits', 'PMDLoss', 1.0)}
+    """
+    from monai.utils import look_up_option
+
+    from mkd.losses import LOSSES, PMDLoss
+
+    feature_loss = look_up_option(loss, LOSSES)
+    settings = {"temperature": temperature, "mode": mode, "symmetric": symmetric, "max_samples": max_samples,
+                "neighbour_distance": neighbour_distance}  # fmt: skip
+    accepted = inspect.signature(feature_loss).parameters
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    terms = {
+        f"{loss}_{scale}": {"input": scale, "loss": feature_loss(**kwargs), "weight": float(w)}
+        for scale, w in weights.items()
+        if scale not in ("seg", "pmd")
+    }
+    if "pmd" in weights:
+        terms["pmd"] = {"input": LOGITS, "loss": PMDLoss(temperature=pmd_temperature), "weight": float(weights["pmd"])}
+    return terms
 
 
 def pool_spatial(feature: torch.Tensor) -> torch.Tensor:
@@ -235,31 +304,34 @@ def build_projector(
 
 
 class DistillationHandler:
-    """Add multi-scale feature distillation and prediction-map distillation to a trainer's loss.
+    """Add declared distillation terms to a trainer's segmentation loss.
 
     Args:
         teacher: the frozen teacher (any mkd network; DDP-wrapping is not needed, it is not trained).
         student: the trainer's network (may be DDP-wrapped).
-        projector: trainable projector heads covering the weighted scales (must be in the optimiser).
-        weights: ``{term: weight}`` with terms ``seg``, ``pmd`` and scale names (``enc``, ``bn``,
-            ``dec``); see :func:`distillation_weights`. Scales with weight 0 are not computed.
-        loss: ``"contrastive"`` (InfoNCE) or ``"mse"`` (FitNets feature regression).
-        temperature: InfoNCE temperature τ.
-        mode: InfoNCE variant: ``"image"`` (thesis), ``"pixel"`` or ``"supervised"``.
-        symmetric: average both InfoNCE directions.
-        max_samples: location budget of the pixel / supervised variants.
-        pmd_temperature: PMD temperature T (loss multiplied by T²).
-        neighbour_distance: InfoNCE: slices of the anchor's patient within this many slices of it
-            are not negatives (0: every other slice of the batch is one, as in the thesis). Read from
-            the batch's ``patient`` and ``z`` keys.
+        projector: trainable projector heads covering the scales of the feature terms (must be in the
+            optimiser); ``None`` or an empty module when every term compares logits.
+        terms: ``{name: {"input": scale or "logits", "loss": callable, "weight": float}}``
+            (:func:`distillation_terms` builds the CLI's). A feature term's loss is called as
+            ``loss(student_embedding, teacher_embedding, **extras)``, a logits term's as
+            ``loss(student_logits, teacher_logits)``; the extras are the ones the loss's ``forward``
+            takes: ``labels`` (the batch's labels), and ``groups`` / ``positions`` (the batch's
+            ``patient`` and ``z``) when its ``neighbour_distance`` is above 0. Terms of weight 0 are
+            not computed. ``name`` is the column of the logged loss term (``train_NAME``).
+        seg_weight: the weight of the trainer's own (segmentation) loss.
 
     Raises:
-        ValueError: unknown loss or scale (the message lists the valid ones), negative weights.
+        ValueError: a term without ``input`` / ``loss`` / ``weight`` or with other keys, a negative
+            weight, an unknown scale (the message lists the valid ones), feature terms without a
+            projector.
 
     Example (in a bundle)::
 
         {"_target_": "mkd.handlers.DistillationHandler", "teacher": "@teacher", "student": "@network",
-         "projector": "@projector", "weights": {"seg": 0.4, "bn": 0.2, "pmd": 0.2}}
+         "projector": "@projector", "seg_weight": 1.0,
+         "terms": {"contrastive_bn": {"input": "bn", "weight": 0.2,
+                                      "loss": {"_target_": "mkd.losses.InfoNCELoss", "temperature": 0.4}},
+                   "pmd": {"input": "logits", "weight": 1.0, "loss": {"_target_": "mkd.losses.PMDLoss"}}}}
     """
 
     def __init__(
@@ -267,47 +339,34 @@ class DistillationHandler:
         teacher: torch.nn.Module,
         student: torch.nn.Module,
         projector: torch.nn.Module | None,
-        weights: Mapping[str, float],
-        loss: str = "contrastive",
-        temperature: float = 0.4,
-        mode: str = "image",
-        symmetric: bool = False,
-        max_samples: int = 1024,
-        pmd_temperature: float = 4.0,
-        neighbour_distance: int = 0,
+        terms: Mapping[str, Mapping[str, Any]],
+        seg_weight: float = 1.0,
     ) -> None:
-        from mkd.losses import FeatureMSELoss, InfoNCELoss, PMDLoss
         from mkd.networks import FeatureRecorder
 
-        if loss not in _FEATURE_LOSSES:
-            raise ValueError(f"loss={loss!r} is not supported; expected one of {_FEATURE_LOSSES}.")
-        bad = {k: v for k, v in weights.items() if float(v) < 0}
-        if bad:
-            raise ValueError(f"weights must be >= 0; got {bad}.")
-        self.weights = {k: float(v) for k, v in weights.items()}
-        self.seg_weight = self.weights.get("seg", 1.0)
-        self.pmd_weight = self.weights.get("pmd", 0.0)
-        self.scales = [k for k, v in self.weights.items() if k not in ("seg", "pmd") and v > 0]
+        self.terms: dict[str, dict[str, Any]] = {}
+        for name, term in terms.items():
+            if not isinstance(term, Mapping) or set(term) != {"input", "loss", "weight"}:
+                got = sorted(term) if isinstance(term, Mapping) else type(term).__name__
+                raise ValueError(f"distillation term {name!r} must have the keys input, loss and weight; got {got}.")
+            if float(term["weight"]) < 0:
+                raise ValueError(f"distillation term {name!r}: weight must be >= 0; got {term['weight']}.")
+            if float(term["weight"]) > 0:
+                forward = getattr(term["loss"], "forward", term["loss"])
+                self.terms[name] = {**term, "weight": float(term["weight"]),
+                                    "takes": set(inspect.signature(forward).parameters)}  # fmt: skip
+        self.seg_weight = float(seg_weight)
+        self.scales = list(dict.fromkeys(t["input"] for t in self.terms.values() if t["input"] != LOGITS))
+        self.needs_logits = needs_logits(self.terms)
         self.teacher = teacher
         self.student = student
         self.projector = projector
         if self.scales and not isinstance(projector, torch.nn.Module):
             raise ValueError("a projector (ProjectorHeads) is required when feature scales are weighted.")
-        self.loss_name = loss
-        self.feature_loss = (
-            InfoNCELoss(
-                temperature=temperature,
-                mode=mode,
-                symmetric=symmetric,
-                max_samples=max_samples,
-                neighbour_distance=neighbour_distance,
-            )
-            if loss == "contrastive"
-            else FeatureMSELoss()
-        )
-        self.mode = mode
-        self.pool = pools_features(loss, mode, getattr(projector, "kind", None))
-        self.pmd = PMDLoss(temperature=pmd_temperature)
+        kind = getattr(projector, "kind", None)
+        for term in self.terms.values():
+            term["pool"] = _term_pools(term["loss"], kind)
+        self.pool = pools_features(self.terms, kind)
         # both recorders resolve the scale names now, so a typo fails before any training
         self.student_recorder = FeatureRecorder(student, self.scales) if self.scales else None
         self.teacher_recorder = FeatureRecorder(teacher, self.scales, detach=True) if self.scales else None
@@ -337,11 +396,11 @@ class DistillationHandler:
         from mkd.data.teacher_cache import CACHE_PREFIX
 
         batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
-        keys = [CACHE_PREFIX + s for s in self.scales] + ([CACHE_PREFIX + "logits"] if self.pmd_weight > 0 else [])
+        keys = [CACHE_PREFIX + s for s in self.scales] + ([CACHE_PREFIX + LOGITS] if self.needs_logits else [])
         if keys and all(k in batch for k in keys):
             self.cached_steps += 1
             feats = {s: batch[CACHE_PREFIX + s].to(images.device) for s in self.scales}
-            logits = batch[CACHE_PREFIX + "logits"].to(images.device) if self.pmd_weight > 0 else None
+            logits = batch[CACHE_PREFIX + LOGITS].to(images.device) if self.needs_logits else None
             return feats, logits
         self.live_steps += 1
         self.teacher.eval()
@@ -369,42 +428,41 @@ class DistillationHandler:
         images = output[CommonKeys.IMAGE]
         teacher_feats, teacher_logits = self._teacher_outputs(engine, images)
         total = self.seg_weight * seg_loss
-        terms: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
-        labels = output.get(CommonKeys.LABEL) if self.mode == "supervised" else None
-        neighbours = self._neighbour_keys(engine) if self.loss_name == "contrastive" else {}
-        for scale in self.scales:
-            s_feat, t_feat = student_feats[scale], teacher_feats[scale]
-            if self.pool:  # image-level InfoNCE with linear heads: pool, then project (same loss, cheaper)
-                if any(d != 1 for d in t_feat.shape[2:]):  # a live teacher map (the cache stores it pooled)
-                    t_feat = pool_spatial(match_spatial(t_feat, s_feat.shape[2:]))
-                s_feat = pool_spatial(s_feat)
-            s_emb, t_emb = self.projector(scale, s_feat, t_feat)
-            if self.loss_name == "contrastive":
-                term = self.feature_loss(s_emb, t_emb, labels, **neighbours)
+        logged: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
+        for name, term in self.terms.items():
+            if term["input"] == LOGITS:
+                value = term["loss"](output[CommonKeys.PRED], teacher_logits)
             else:
-                term = self.feature_loss(s_emb, t_emb)
-            total = total + self.weights[scale] * term
-            terms[f"{self.loss_name}_{scale}"] = term.detach()
-        if self.pmd_weight > 0:
-            term = self.pmd(output[CommonKeys.PRED], teacher_logits)
-            total = total + self.pmd_weight * term
-            terms["pmd"] = term.detach()
+                scale = term["input"]
+                s_feat, t_feat = student_feats[scale], teacher_feats[scale]
+                if term["pool"]:  # image-level InfoNCE with linear heads: pool, then project (same loss, cheaper)
+                    if any(d != 1 for d in t_feat.shape[2:]):  # a live teacher map (the cache stores it pooled)
+                        t_feat = pool_spatial(match_spatial(t_feat, s_feat.shape[2:]))
+                    s_feat = pool_spatial(s_feat)
+                s_emb, t_emb = self.projector(scale, s_feat, t_feat)
+                value = term["loss"](s_emb, t_emb, **self._extras(engine, output, term))
+            total = total + term["weight"] * value
+            logged[name] = value.detach()
         output[CommonKeys.LOSS] = total
-        setattr(engine.state, LOSS_TERMS_KEY, terms)
+        setattr(engine.state, LOSS_TERMS_KEY, logged)
 
-    def _neighbour_keys(self, engine: Engine) -> dict[str, Any]:
-        """``groups`` (patient ids) and ``positions`` (slice z) of the batch, for InfoNCE's neighbour mask."""
-        if not getattr(self.feature_loss, "neighbour_distance", 0):
-            return {}
-        batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
-        missing = [k for k in ("patient", "z") if k not in batch]
-        if missing:
-            raise ValueError(
-                f"neighbour_distance={self.feature_loss.neighbour_distance} needs the batch keys 'patient' and 'z' "
-                f"(the datalist of `mkd prepare` has them); missing: {missing}. Set neighbour_distance=0 to switch "
-                "the neighbour mask off."
-            )
-        return {"groups": batch["patient"], "positions": batch["z"]}
+    def _extras(self, engine: Engine, output: Mapping[str, Any], term: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a feature term's loss takes: ``labels``, and the neighbour mask's batch keys."""
+        extras: dict[str, Any] = {}
+        if "labels" in term["takes"]:
+            extras["labels"] = output.get(CommonKeys.LABEL)
+        distance = getattr(term["loss"], "neighbour_distance", 0)
+        if distance and {"groups", "positions"} <= term["takes"]:
+            batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
+            missing = [k for k in ("patient", "z") if k not in batch]
+            if missing:
+                raise ValueError(
+                    f"neighbour_distance={distance} needs the batch keys 'patient' and 'z' (the datalist of "
+                    f"`mkd prepare` has them); missing: {missing}. Set neighbour_distance=0 to switch the "
+                    "neighbour mask off."
+                )
+            extras.update(groups=batch["patient"], positions=batch["z"])
+        return extras
 
     def _sync_projector_grads(self, engine: Engine) -> None:
         """Average the projector's gradients over processes (the student is DDP-wrapped, the projector is not)."""

@@ -13,7 +13,9 @@ from mkd.losses._utils import check_reduction, float32_compute, reduce
 
 __all__ = ["InfoNCELoss", "sample_locations"]
 
-_MODES = ("image", "pixel", "supervised")
+#: the InfoNCE variants (``mode``)
+MODES = ("image", "pixel", "supervised")
+_MODES = MODES
 
 
 def sample_locations(
@@ -186,6 +188,12 @@ class InfoNCELoss(_Loss):
         self.max_samples = int(max_samples)
         self.balance_classes = bool(balance_classes)
         self.neighbour_distance = int(neighbour_distance)
+
+    @property
+    def image_level(self) -> bool:
+        """True in ``image`` mode: the loss sees only the spatial mean of each embedding map, so a linear
+        projection may be applied after pooling (see :func:`mkd.handlers.pools_features`)."""
+        return self.mode == "image"
 
     def extra_repr(self) -> str:
         return (

@@ -344,12 +344,16 @@ def test_distill_bundle_trains_student_and_projector_from_teacher(teacher_run, t
     assert student(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 
-def test_distill_with_a_teacher_of_another_input_size_is_a_clear_error(teacher_run, tiny_prepared, tmp_path):
-    teacher_dir, _ = teacher_run
-    overrides = {**TINY_STUDENT, "image_size": [64, 64], "epochs": 1,
-                 "teacher_ckpt": str(teacher_dir / "models" / "model.pt")}  # fmt: skip
+def test_distill_with_a_teacher_of_another_input_size_is_a_clear_error(tiny_prepared, tmp_path):
+    """Fast: an untrained teacher checkpoint that records its input size, nothing is trained."""
+    from mkd.networks import build, save_checkpoint
+
+    teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"),
+                              run={"bundle": "teacher", "role": "teacher", "image_size": [32, 32]})  # fmt: skip
+    overrides = {**TINY_STUDENT, "image_size": [64, 64], "epochs": 1, "teacher_ckpt": str(teacher)}
     with pytest.raises(InputError, match=r"teacher was trained on 32x32 slices but this run feeds 64x64"):
         run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
+    assert not (tmp_path / "d").exists()
 
 
 def test_distill_with_missing_teacher_is_a_clear_error(tiny_prepared, tmp_path):
@@ -530,3 +534,27 @@ def test_bundle_checkpoints_record_their_role_and_task_heads(teacher_run):
     out, _ = teacher_run
     run = torch.load(out / "models" / "model.pt", weights_only=True)["run"]
     assert run["role"] == "teacher" and run["tasks"] == ["segmentation", "reconstruction"]
+
+
+class CosineKD(torch.nn.Module):
+    """A distillation loss mkd does not have: 1 - cosine similarity of the spatially pooled embeddings."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = student.flatten(2).mean(2), teacher.flatten(2).mean(2)
+        return (1 - torch.nn.functional.cosine_similarity(s, t, dim=1)).mean()
+
+
+@pytest.mark.slow
+def test_a_new_kd_loss_is_one_class_and_one_config_entry(tiny_prepared, tmp_path):
+    """The loss above plus one `terms` entry: no edit to the handler or the CLI; it trains and its term is logged."""
+    from mkd.networks import build, save_checkpoint
+
+    teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"),
+                              run={"role": "teacher", "image_size": [32, 32]})  # fmt: skip
+    term = {"input": "bn", "loss": {"_target_": f"{__name__}.CosineKD"}, "weight": 0.5}
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher), "terms": {"cosine_bn": term}}
+    run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
+    df = pd.read_csv(tmp_path / "d" / "metrics.csv")
+    assert (df["train_cosine_bn"] > 0).all() and (df["train_contrastive_bn"] > 0).all()
+    w = {"seg": 1.0, "contrastive_bn": 0.2, "cosine_bn": 0.5}  # the recommended recipe's seg and bn weights
+    assert (df["train_loss"] - sum(v * df[f"train_{k}"] for k, v in w.items())).abs().max() < 1e-4

@@ -10,7 +10,8 @@ from monai.losses import DiceLoss
 
 from mkd.data.teacher_cache import LoadTeacherCached, TeacherCache
 from mkd.errors import InputError
-from mkd.handlers import DistillationHandler, build_projector, distillation_weights, load_teacher
+from mkd.handlers import DistillationHandler, build_projector, distillation_terms, distillation_weights, load_teacher
+from mkd.losses import InfoNCELoss
 from mkd.networks import build, save_checkpoint
 
 SIZE = 32
@@ -32,7 +33,8 @@ def _setup(scales=("enc", "bn", "dec"), pmd=True, loss="contrastive", seed=0):
     student = build("s1")
     projector = build_projector(student, teacher, list(scales), embed_dim=16)
     weights = distillation_weights(list(scales), pmd=pmd)
-    handler = DistillationHandler(teacher, student, projector, weights, loss=loss, temperature=0.4)
+    terms = distillation_terms(weights, loss=loss, temperature=0.4)
+    handler = DistillationHandler(teacher, student, projector, terms, seg_weight=weights["seg"])
     return teacher, student, projector, handler
 
 
@@ -61,7 +63,8 @@ def test_loss_is_the_weighted_sum_of_its_terms():
     teacher, student, projector, handler = _setup()
     trainer, records = _trainer(student, projector, _items(), handler)
     trainer.run()
-    w = handler.weights
+    w = {"seg": handler.seg_weight, **{t["input"] if t["input"] != "logits" else k: t["weight"]
+                                       for k, t in handler.terms.items()}}  # fmt: skip
     for r in records:
         expected = (w["seg"] * r["seg"] + w["enc"] * r["contrastive_enc"] + w["bn"] * r["contrastive_bn"]
                     + w["dec"] * r["contrastive_dec"] + w["pmd"] * r["pmd"])  # fmt: skip
@@ -178,7 +181,7 @@ def test_unknown_scale_lists_the_valid_ones():
     teacher = build("t1", preset="tiny")
     student = build("s1")
     with pytest.raises(ValueError, match=r"unknown feature scale 'bottleneck2'.*'enc', 'bn', 'dec'"):
-        DistillationHandler(teacher, student, torch.nn.Module(), {"seg": 1.0, "bottleneck2": 0.2})
+        DistillationHandler(teacher, student, torch.nn.Module(), distillation_terms({"seg": 1.0, "bottleneck2": 0.2}))
 
 
 def test_weights_for_unselected_terms_are_rejected():
@@ -216,9 +219,10 @@ def test_pooling_before_the_linear_heads_gives_the_loss_of_pooling_after():
             teacher(x)
         for scale in ("enc", "bn", "dec"):
             s, t = rs.features[scale], rt.features[scale]
-            after = handler.feature_loss(*projector(scale, s, t))  # project the maps, InfoNCE pools them
+            loss = handler.terms[f"contrastive_{scale}"]["loss"]
+            after = loss(*projector(scale, s, t))  # project the maps, InfoNCE pools them
             t_pooled = match_spatial(t, s.shape[2:]).mean(dim=(2, 3), keepdim=True)
-            before = handler.feature_loss(*projector(scale, s.mean(dim=(2, 3), keepdim=True), t_pooled))
+            before = loss(*projector(scale, s.mean(dim=(2, 3), keepdim=True), t_pooled))
             torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
 
 
@@ -250,3 +254,42 @@ def test_a_checkpoint_that_is_not_a_teacher_is_refused_as_teacher(tmp_path, capl
     assert checkpoint_role({"model": {}}) is None
     assert task_heads(teacher) == ["segmentation", "reconstruction"]
     assert task_heads(build("unet", "tiny")) == task_heads(build("s1")) == ["segmentation"]
+
+
+class CosineKD(torch.nn.Module):
+    """A distillation loss the package does not have: 1 - cosine similarity of the pooled embeddings."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = student.flatten(2).mean(2), teacher.flatten(2).mean(2)
+        return (1 - torch.nn.functional.cosine_similarity(s, t, dim=1)).mean()
+
+
+def test_a_new_loss_is_one_class_and_one_term():
+    """No edit to the handler: the new term is computed, weighted into the loss and logged under its name."""
+    teacher, student, projector, _ = _setup(scales=("bn",), pmd=False)
+    terms = {"contrastive_bn": {"input": "bn", "loss": InfoNCELoss(temperature=0.4), "weight": 0.2},
+             "cosine_bn": {"input": "bn", "loss": CosineKD(), "weight": 0.5}}  # fmt: skip
+    handler = DistillationHandler(teacher, student, projector, terms, seg_weight=1.0)
+    trainer, records = _trainer(student, projector, _items(4), handler)
+    trainer.run()
+    (r,) = records
+    assert set(r) == {"loss", "seg", "contrastive_bn", "cosine_bn"}
+    assert 0 < r["cosine_bn"] <= 2
+    assert r["loss"] == pytest.approx(r["seg"] + 0.2 * r["contrastive_bn"] + 0.5 * r["cosine_bn"], rel=1e-5)
+
+
+def test_a_term_that_is_not_input_loss_weight_is_a_clear_error():
+    teacher, student, projector, _ = _setup(scales=("bn",), pmd=False)
+    with pytest.raises(ValueError, match=r"term 'kl' must have the keys input, loss and weight; got \['loss', 'w'\]"):
+        DistillationHandler(teacher, student, projector, {"kl": {"loss": CosineKD(), "w": 1.0}})
+    with pytest.raises(ValueError, match=r"term 'kl': weight must be >= 0; got -1"):
+        DistillationHandler(teacher, student, projector, {"kl": {"input": "bn", "loss": CosineKD(), "weight": -1}})
+
+
+def test_the_clis_settings_give_the_terms_they_gave_before():
+    terms = distillation_terms(distillation_weights(["enc", "bn"], pmd=True, recipe="thesis"), loss="mse")
+    assert {k: (t["input"], type(t["loss"]).__name__, t["weight"]) for k, t in terms.items()} == {
+        "mse_enc": ("enc", "FeatureMSELoss", 0.1), "mse_bn": ("bn", "FeatureMSELoss", 0.2),
+        "pmd": ("logits", "PMDLoss", 0.2)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"'kl' is not a valid value"):
+        distillation_terms({"seg": 1.0, "bn": 0.2}, loss="kl")

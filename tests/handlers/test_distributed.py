@@ -18,7 +18,7 @@ import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from mkd.data.teacher_cache import TeacherCache
-from mkd.handlers import DistillationHandler, build_projector
+from mkd.handlers import DistillationHandler, build_projector, distillation_terms
 from mkd.networks import build
 
 dist.init_process_group("gloo")
@@ -26,7 +26,7 @@ rank = dist.get_rank()
 torch.manual_seed(0)
 teacher, student = build("t1", preset="tiny").eval(), build("s1")
 projector = build_projector(student, teacher, ["bn"])
-handler = DistillationHandler(teacher, student, projector, {"seg": 0.4, "bn": 0.2})
+handler = DistillationHandler(teacher, student, projector, distillation_terms({"seg": 0.4, "bn": 0.2}), seg_weight=0.4)
 
 # rank r puts r + 1 in every projector gradient: the average over 2 ranks is (1 + 2) / 2
 for p in projector.parameters():
