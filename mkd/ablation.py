@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mkd.bundle import BUNDLES
+from mkd.bundle import PROFILES as BUNDLE_PROFILES
 from mkd.errors import InputError, MkdError
 
 __all__ = [
@@ -59,12 +60,10 @@ KINDS = BUNDLES
 #: scale order in ids and labels: the thesis writes B -> B + E -> E + D -> D.
 SCALE_ORDER = ("bn", "enc", "dec")
 SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
-LOSSES = ("contrastive", "mse")
-MODES = ("image", "pixel", "supervised")
 #: data fraction -> datalist split: 0.5 is the prepared ``student`` list (its share is
 #: ``mkd prepare --student-fraction``), 1.0 all training patients.
 FRACTIONS = {0.5: "student", 1.0: "training"}
-PROFILES = ("cpu", "thesis")
+PROFILES = BUNDLE_PROFILES
 
 _TOP_KEYS = {
     "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
@@ -435,7 +434,10 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         recipe_list = _as_list(block["recipe"]) if named_recipe else [default_recipe]
         transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
-        for v, allowed, name in ((loss_list, LOSSES, "loss"), (mode_list, MODES, "mode")):
+        from mkd.losses import LOSSES
+        from mkd.losses.infonce import MODES
+
+        for v, allowed, name in ((loss_list, tuple(LOSSES), "loss"), (mode_list, MODES, "mode")):
             bad = [x for x in v if x not in allowed]
             if bad:
                 raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Sequence
 
 import click
 
 from mkd import __version__
+from mkd.bundle import PROFILES, ROLES
 from mkd.errors import MkdError
 
 __all__ = ["main", "cli"]
@@ -185,8 +187,39 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
 
 # --- networks (mkd.networks) --------------------------------------------------
 
-_NETWORK_NAMES = ("unet", "t1", "t2", "s1", "s2")
-_NETWORK_PRESETS = ("thesis", "medium", "small", "tiny")
+
+class _Names(Sequence):
+    """Choices read from a registry of the package when click first needs them (``import mkd.cli`` stays light).
+
+    Args:
+        module: the module holding the registry.
+        name: the registry (a mapping or a sequence of names).
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    @functools.cached_property
+    def _names(self) -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __getitem__(self, index):
+        return self._names[index]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+_NETWORK_NAMES = _Names("mkd.networks.registry", "NETWORKS")
+_NETWORK_PRESETS = _Names("mkd.networks.registry", "PRESET_NAMES")
+_TEACHERS = _Names("mkd.networks.registry", "TEACHERS")
+_STUDENTS = _Names("mkd.networks.registry", "STUDENTS")
+_LOSSES = _Names("mkd.losses", "LOSSES")
+_RECIPES = _Names("mkd.handlers.distillation", "RECIPES")
+_CONTRASTIVE_MODES = _Names("mkd.losses.infonce", "MODES")
+_PROJECTOR_KINDS = _Names("mkd.networks.projector", "KINDS")
 
 
 def _shape_str(shape: tuple[int, ...] | None) -> str:
@@ -283,7 +316,7 @@ def training_options(func):
         ),
         click.option(
             "--profile",
-            type=click.Choice(["cpu", "thesis"]),
+            type=click.Choice(PROFILES),
             default="cpu",
             show_default=True,
             help="cpu: small input size and epochs, minutes on a laptop; thesis: the thesis protocol (GPU).",
@@ -385,7 +418,7 @@ _OPTIMIZERS = {
 @cli.command()
 @click.option(
     "--arch",
-    type=click.Choice(["t1", "t2", "unet"]),
+    type=click.Choice(_TEACHERS),
     default="t1",
     show_default=True,
     help="t1 multi-task U-Net, t2 multi-task TransUNet, unet single-task baseline.",
@@ -404,7 +437,7 @@ def teacher(arch, lambda_rec, **kwargs):
 def student_options(func):
     """Options shared by `mkd student` and `mkd distill`: the same student, data and optimiser settings."""
     options = [
-        click.option("--arch", type=click.Choice(["s1", "s2"]), default="s1", show_default=True,
+        click.option("--arch", type=click.Choice(_STUDENTS), default="s1", show_default=True,
                      help="Student network."),
         click.option("--data-fraction", type=click.Choice(["0.5", "1.0"]), default="0.5", show_default=True,
                      help="0.5: the student subset (half the training patients); 1.0: all training patients."),
@@ -476,7 +509,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @click.option(
     "--loss",
     "feature_loss",
-    type=click.Choice(["contrastive", "mse"]),
+    type=click.Choice(_LOSSES),
     default="contrastive",
     show_default=True,
     help="Feature loss: InfoNCE or plain feature regression (FitNets).",
@@ -484,7 +517,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @click.option("--pmd/--no-pmd", default=False, show_default=True, help="Add prediction-map distillation (soft KD).")
 @click.option(
     "--recipe",
-    type=click.Choice(["recommended", "thesis"]),
+    type=click.Choice(_RECIPES),
     default="recommended",
     show_default=True,
     help="Default weights and temperatures (docs/distill.md): the one chosen on validation data, or the "
@@ -521,14 +554,14 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["image", "pixel", "supervised"]),
+    type=click.Choice(_CONTRASTIVE_MODES),
     default="image",
     show_default=True,
     help="InfoNCE variant: image-level in-batch (thesis), pixel-level, or supervised (same class).",
 )
 @click.option(
     "--projector",
-    type=click.Choice(["linear", "mlp"]),
+    type=click.Choice(_PROJECTOR_KINDS),
     default="linear",
     show_default=True,
     help="Projector heads: 1x1 conv, or conv-ReLU-conv.",
@@ -731,13 +764,13 @@ def demo(out, overwrite, teacher_epochs, student_epochs, seed):
               help="Runs folder, one sub-folder per run. Default: runs/<grid file name>.")  # fmt: skip
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Prepared dataset. Default: the grid's 'data', else mkd_data.")  # fmt: skip
-@click.option("--profile", type=click.Choice(["cpu", "thesis"]), default=None,
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
               help="Override the grid's profile.")  # fmt: skip
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs at once, each in a worker process (a distillation run waits for its teacher).")  # fmt: skip
 @click.option("--only", multiple=True, metavar="RUN_ID",
               help="Run only this run (repeatable); its teacher must be done. What --print-commands uses.")  # fmt: skip
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["teacher", "student", "distill"]),
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(ROLES),
               help="Only runs of this kind (repeatable), e.g. stage 1: --kind teacher --kind student.")  # fmt: skip
 @click.option("--print-commands", is_flag=True,
               help="Print one self-contained command per pending run, in dependency order, and exit.")  # fmt: skip
@@ -786,7 +819,7 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
         return
     if print_commands:
         pending = [r for r in selected if status[r.id] != "done"]
-        for kind in ("teacher", "student", "distill"):
+        for kind in ROLES:
             block = [r for r in pending if r.kind == kind]
             if not block:
                 continue

@@ -12,7 +12,9 @@ from monai.networks.layers.factories import Conv
 
 __all__ = ["ProjectorHeads", "match_spatial"]
 
-_KINDS = ("linear", "mlp")
+#: the projector head kinds (``kind``)
+KINDS = ("linear", "mlp")
+_KINDS = KINDS
 _PROJECT = ("both", "student")
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}

@@ -15,7 +15,7 @@ from mkd.networks.student import S1_FEATURES, S2_FEATURES, StudentUNet
 from mkd.networks.transunet import TransUNet
 from mkd.networks.unet import MultiTaskUNet, UNet
 
-__all__ = ["NETWORKS", "PRESETS", "TEACHERS", "STUDENTS", "build", "describe", "NetworkSummary"]
+__all__ = ["NETWORKS", "PRESETS", "PRESET_NAMES", "TEACHERS", "STUDENTS", "build", "describe", "NetworkSummary"]
 
 #: Registry name -> network class.
 NETWORKS: dict[str, type[MkdNetwork]] = {
@@ -34,6 +34,8 @@ _UNET_WIDTHS = {
     "small": (16, 32, 64, 128, 256),
     "tiny": (8, 16, 32, 64, 128),
 }
+#: the width presets every network has (``mkd.networks.build(name, preset=...)``)
+PRESET_NAMES: tuple[str, ...] = tuple(_UNET_WIDTHS)
 _T2_WIDTHS: dict[str, dict[str, Any]] = {
     "thesis": {},
     "medium": dict(
