@@ -77,3 +77,16 @@ def make_task(tmp_path):
         return task
 
     return factory
+
+
+#: fixtures that train a bundle: a test that uses one is a slow test (`tox -e fast` must not train)
+TRAINING_FIXTURES = frozenset({"teacher_run", "student_run"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that trains a bundle through a fixture without ``@pytest.mark.slow``."""
+    for item in items:
+        used = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} trains a bundle ({', '.join(sorted(used))}) but is not "
+                                    "marked @pytest.mark.slow")  # fmt: skip
