@@ -113,7 +113,8 @@ def evaluate_checkpoint(
 
     reconstruct = "recon" in getattr(model, "feature_scales", {})
     recorder = FeatureRecorder(model, ["recon"], detach=True) if reconstruct else None
-    seg = SegmentationAccumulator(spacing=spacing)
+    # single-organ networks: per-volume metrics also after the largest-connected-component filter (mkd infer's default)
+    seg = SegmentationAccumulator(spacing=spacing, lcc=int(getattr(model, "out_channels", 1)) == 1)
     psnr = PSNRAccumulator(data_range=1.0) if reconstruct else None
     loader = DataLoader(Dataset(items, transform=slice_transform(size)), batch_size=batch_size, shuffle=False)
     if progress:
