@@ -888,7 +888,8 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
                    "one CT  [default: --data]")  # fmt: skip
 @click.option("--preview", "--png", "preview", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG of the mask over the CT at three axial levels (radiological view).")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Slices per forward.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Slices per forward  [default: 8 on a CPU, 32 on a GPU]")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output file(s).")
 @click.option("--skip-existing", is_flag=True,

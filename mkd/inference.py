@@ -682,7 +682,8 @@ class Segmenter:
         spacing: voxel size (x, y, z) mm; overrides checkpoint / ``data_dir``.
         size: network input size for checkpoints without ``run.image_size``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        batch_size: slices per forward.
+        batch_size: slices per forward; ``None``: 8 on a CPU (fastest for S1 at 256² with ONNX Runtime on
+            2 cores, see docs/export.md), 32 on a GPU.
         lcc: keep only the largest 3D connected component; ``None`` (default): on for single-organ
             networks (one output channel).
         threshold: probability threshold (0.5: ``sigmoid(logits) > 0.5``).
@@ -711,7 +712,7 @@ class Segmenter:
         spacing: Sequence[float] | None = None,
         size: int | None = None,
         device: str | torch.device | None = "auto",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         lcc: bool | None = None,
         threshold: float = 0.5,
         backend: str = "auto",
@@ -736,7 +737,7 @@ class Segmenter:
         if in_channels != 3:
             raise InputError(self.checkpoint_path, f"network takes {in_channels} input channels; mkd slices have 3")
         self.settings = resolve_settings(ckpt, data_dir, window, channels, spacing, size)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cpu" else 32)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out_channels = int(getattr(self.model, "out_channels", 1))
