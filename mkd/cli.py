@@ -701,11 +701,15 @@ def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
         f"{s['network']['name']} on {split}: {s['slices']} slices of {len(result.segmentation.per_volume)} "
         f"patients, {s['image_size'][0]}x{s['image_size'][1]}"
     )
-    click.echo(
-        _metrics_table(
-            {"pooled (thesis)": s["pooled"], "per volume (mean)": per_volume, "per slice (with organ)": per_slice}
-        )
-    )
+    rows = {"pooled (thesis)": s["pooled"], "per volume (mean)": per_volume}
+    if "per_volume_lcc" in s:
+        rows["per volume, largest comp."] = {k: v.get("mean") for k, v in s["per_volume_lcc"].items()}
+    rows["per slice (with organ)"] = per_slice
+    click.echo(_metrics_table(rows))
+    if "per_volume_lcc" in s:
+        pv = result.segmentation.per_volume
+        click.echo("per volume (HD95 in mm; _lcc: largest 3D connected component, as mkd infer):")
+        click.echo(pv[["patient", "dice", "dice_lcc", "hd95", "hd95_lcc"]].to_string(index=False, float_format="%.4f"))
     if "psnr" in s:
         click.echo(f"reconstruction PSNR: {s['psnr']['mean']:.2f} dB")
     click.echo(f"wrote {paths['summary']}")
@@ -912,22 +916,36 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
               help="Voxel size in mm to resample to, or 'none'  [default: checkpoint, --data, else none]")  # fmt: skip
 @click.option("--size", type=click.IntRange(8, 4096), default=None,
               help="Network input size if the checkpoint lacks run.image_size  [default: --data's, 256]")  # fmt: skip
-@click.option("--lcc", is_flag=True, help="Keep only the largest 3D connected component of the mask.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Slices per forward.")
+@click.option("--lcc/--no-lcc", default=None,
+              help="Keep only the largest 3D connected component of the mask  [default: on for single-organ "
+                   "networks (one output channel)]")  # fmt: skip
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="auto: ONNX Runtime on a CPU when installed (pip install 'mkd[onnx]'), else PyTorch.")  # fmt: skip
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for the network  [default: the cores this process may use]")  # fmt: skip
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Students only: ONNX Runtime static int8 quantisation, calibrated on --calibration.")  # fmt: skip
+@click.option("--calibration", type=click.Path(exists=True), default=None,
+              help="int8 calibration data: a prepared dataset (its training slices), a folder of NIfTI CTs or "
+                   "one CT  [default: --data]")  # fmt: skip
+@click.option("--preview", "--png", "preview", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG of the mask over the CT at three axial levels (radiological view).")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Slices per forward  [default: 8 on a CPU, 32 on a GPU]")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output file(s).")
 @click.option("--skip-existing", is_flag=True,
               help="Folder input: keep masks that already exist (continue an interrupted batch).")  # fmt: skip
 @_user_errors
-def infer(checkpoint, input_path, output_path, data_dir, window, channels, spacing, size, lcc, batch_size, device,
-          overwrite, skip_existing):  # fmt: skip
+def infer(checkpoint, input_path, output_path, data_dir, window, channels, spacing, size, lcc, backend, threads,
+          quantize, calibration, preview, batch_size, device, overwrite, skip_existing):  # fmt: skip
     """Segment a CT volume (or a folder of them) with CHECKPOINT and write the mask(s) (see docs/infer.md).
 
     \b
     Examples:
       mkd infer runs/distill-s1-bn/models/model.pt --input ct.nii.gz --output ct_spleen.nii.gz --data mkd_data
-      mkd infer model.pt --input dicom/series_3/ --output series_3_spleen.nii.gz --lcc
-      mkd infer model.pt --input imagesTs/ --output predictions/ --skip-existing
+      mkd infer model.pt --input dicom/series_3/ --output series_3_spleen.nii.gz --png series_3.png
+      mkd infer model.pt --input imagesTs/ --output predictions/ --skip-existing --backend torch --threads 2
     """
     import math
     from pathlib import Path
@@ -948,6 +966,8 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
     from mkd.inference import Segmenter, check_folder_job, is_volume_folder
 
     batch = is_volume_folder(input_path)
+    if batch and preview:
+        raise click.UsageError("--preview/--png takes one volume; a folder --input writes many masks")
     if batch:
         check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
     elif output.exists() and not overwrite:
@@ -955,12 +975,15 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,
-                        size=size, device=device, batch_size=batch_size, lcc=lcc)  # fmt: skip
+                        size=size, device=device, batch_size=batch_size, lcc=lcc, backend=backend, threads=threads,
+                        quantize=quantize, calibration=calibration)  # fmt: skip
     except ValueError as err:
         if isinstance(err, MkdError):
             raise
         raise click.UsageError(str(err)) from None
     if batch:
+        click.echo(f"backend: {seg.describe()}")
+        click.echo(f"largest connected component: {'on' if seg.lcc else 'off'}")
         click.echo(f"preprocessing: {seg.settings.describe()}")
         done = seg.segment_folder(input_path, output, overwrite=overwrite, skip_existing=skip_existing,
                                   progress=click.echo)  # fmt: skip
@@ -974,12 +997,21 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
                            f"volumes in {input_path} failed; see above")  # fmt: skip
         return
     result = seg.segment_to_file(input_path, output, overwrite=overwrite)
+    click.echo(f"backend: {seg.describe()}")
+    click.echo(f"largest connected component: {'on' if seg.lcc else 'off'}")
     click.echo(f"preprocessing: {seg.settings.describe()}")
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     shape = "x".join(str(s) for s in result.shape)
     click.echo(f"wrote {output}: {shape} uint8, {result.foreground} foreground voxels "
                f"({result.foreground / max(math.prod(result.shape), 1):.2%})")  # fmt: skip
     click.echo(f"time per volume: {result.seconds:.2f} s for {result.slices} slices on {seg.device} ({parts})")
+    if preview:
+        from mkd.inference import load_volume
+        from mkd.reports.figures import plot_mask_preview
+
+        vol = load_volume(input_path)
+        png = plot_mask_preview(vol.data, result.mask, vol.affine, preview, title=Path(input_path).name)
+        click.echo(f"wrote {png}: the mask over the CT at three axial levels (anterior up, patient's right left)")
 
 
 @cli.command("export")

@@ -70,6 +70,7 @@ def evaluate_checkpoint(
     device: str | torch.device | None = None,
     image_size: Sequence[int] | None = None,
     progress: bool = False,
+    runner: Any = None,
 ) -> EvaluationResult:
     """Run a checkpoint over every slice of ``split`` and compute the metrics.
 
@@ -81,6 +82,8 @@ def evaluate_checkpoint(
         device: ``None`` for CUDA when present, else CPU.
         image_size: model input size; default the checkpoint's training ``image_size``.
         progress: show a tqdm bar.
+        runner: run the slices through this callable (``f(images) -> logits``, e.g. the ONNX Runtime
+            backend of a :class:`mkd.inference.Segmenter`) instead of the PyTorch network; no PSNR then.
 
     Raises:
         InputError: unreadable checkpoint, missing dataset or empty split.
@@ -111,9 +114,10 @@ def evaluate_checkpoint(
         nx, ny = vol["shape"][:2]
         spacing[pid] = (float(sz), *spacing_after_resize((sx, sy), (nx, ny), size))
 
-    reconstruct = "recon" in getattr(model, "feature_scales", {})
+    reconstruct = runner is None and "recon" in getattr(model, "feature_scales", {})
     recorder = FeatureRecorder(model, ["recon"], detach=True) if reconstruct else None
-    seg = SegmentationAccumulator(spacing=spacing)
+    # single-organ networks: per-volume metrics also after the largest-connected-component filter (mkd infer's default)
+    seg = SegmentationAccumulator(spacing=spacing, lcc=int(getattr(model, "out_channels", 1)) == 1)
     psnr = PSNRAccumulator(data_range=1.0) if reconstruct else None
     loader = DataLoader(Dataset(items, transform=slice_transform(size)), batch_size=batch_size, shuffle=False)
     if progress:
@@ -128,7 +132,7 @@ def evaluate_checkpoint(
                     logits = model(images)
                 psnr.update(recorder.features["recon"].float().clamp(0, 1), images)
             else:
-                logits = model(images)
+                logits = model(images) if runner is None else runner(images.cpu())
             prob = torch.sigmoid(logits.float()).cpu()
             seg.update(prob, batch["label"], list(batch["patient"]), [int(z) for z in batch["z"]])
     if recorder is not None:

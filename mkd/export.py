@@ -49,6 +49,10 @@ __all__ = [
     "load_exported",
     "read_metadata",
     "verify",
+    "file_sha256",
+    "checkpoint_metadata",
+    "cached_onnx",
+    "quantize_int8",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,7 +150,7 @@ def export_onnx(
         MkdError: ``onnx`` is not installed.
     """
     try:
-        import onnx
+        import onnx  # noqa: F401 - checked here; _set_onnx_metadata uses it
     except ImportError as err:
         raise MkdError("ONNX export needs the optional 'onnx' package: pip install 'mkd[onnx]'") from err
     path = Path(path)
@@ -166,11 +170,7 @@ def export_onnx(
                 opset_version=opset_version,
                 do_constant_folding=True,
             )
-        proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata or {}), default=str)
-        proto.producer_name = "mkd"
-        onnx.save(proto, str(tmp))
+        _set_onnx_metadata(tmp, metadata or {})
     return path
 
 
@@ -305,7 +305,6 @@ def export_checkpoint(
     Raises:
         MkdError: unknown format, existing output, failed check; ``InputError`` for a bad checkpoint.
     """
-    from mkd import __version__
     from mkd.networks import load_network
 
     fmt = _check_format(fmt)
@@ -325,10 +324,26 @@ def export_checkpoint(
         raise InputError(output, "output would overwrite the checkpoint")
     if output.exists() and not overwrite:
         raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
-    network = ckpt.get("network", {})
+    metadata = checkpoint_metadata(checkpoint, ckpt, model, fmt, input_size)
+    try:
+        result = export_model(model, fmt, output, input_size, metadata, check=check, atol=atol)
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, MkdError):
+            raise
+        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {str(err).strip().splitlines()[0]}") from err
+    logger.info("exported %s to %s (%s)", checkpoint, output, fmt)
+    return result
+
+
+def checkpoint_metadata(
+    checkpoint: str | os.PathLike, ckpt: Mapping[str, Any], model: nn.Module, fmt: str, input_size: tuple[int, int]
+) -> dict[str, Any]:
+    """The JSON metadata an export of ``checkpoint`` carries (see docs/export.md)."""
+    from mkd import __version__
     from mkd.inference import _checkpoint_preprocessing
 
-    metadata = {
+    network = ckpt.get("network", {})
+    return {
         "mkd_version": __version__,
         "format": fmt,
         "network": {"name": network.get("name"), "kwargs": network.get("kwargs", {})},
@@ -346,11 +361,176 @@ def export_checkpoint(
         "preprocessing": _checkpoint_preprocessing(ckpt) or None,
         "source_checkpoint": str(checkpoint),
     }
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_problem(path: Path, key: Mapping[str, Any]) -> str | None:
+    """Why the cached graph at ``path`` cannot be used for ``key`` (``None``: it can)."""
     try:
-        result = export_model(model, fmt, output, input_size, metadata, check=check, atol=atol)
-    except (RuntimeError, ValueError) as err:
-        if isinstance(err, MkdError):
-            raise
-        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {str(err).strip().splitlines()[0]}") from err
-    logger.info("exported %s to %s (%s)", checkpoint, output, fmt)
-    return result
+        import onnx
+
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+        props = {p.key: p.value for p in proto.metadata_props}
+        meta = json.loads(props[METADATA_KEY])
+    except Exception as err:  # noqa: BLE001 - any failure to read it means "do not use it"
+        return f"unreadable ({_first_line(err)})"
+    cached = meta.get("cache") if isinstance(meta, Mapping) else None
+    if not isinstance(cached, Mapping):
+        return "no cache record in its metadata"
+    for k, v in key.items():
+        if cached.get(k) != v:
+            return f"stale ({k} {cached.get(k)!r}, expected {v!r})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def cached_onnx(
+    checkpoint: str | os.PathLike,
+    input_size: tuple[int, int],
+    *,
+    model: nn.Module | None = None,
+    ckpt: Mapping[str, Any] | None = None,
+    variant: str = "fp32",
+    build_variant: Any = None,
+    extra_key: Mapping[str, Any] | None = None,
+    rebuild: bool = False,
+) -> Path:
+    """The ONNX graph of ``checkpoint`` at ``input_size``, exported once and cached beside the checkpoint.
+
+    The cache file is ``<stem>.<H>x<W>.onnx`` (``<stem>.<H>x<W>.<variant>.onnx`` for other variants, e.g.
+    ``int8``) next to the checkpoint. Its metadata records the checkpoint's SHA-256, the input size and
+    the variant (plus ``extra_key``); a cached file is used only when it parses, passes ONNX's checker
+    and all of these match. Otherwise it is rebuilt (export with :func:`export_model`, checked against
+    PyTorch's logits, written atomically), never used. A checkpoint folder that is not writable gets
+    its cache under ``$XDG_CACHE_HOME/mkd/onnx`` (``~/.cache/mkd/onnx``).
+
+    Args:
+        checkpoint: an mkd checkpoint file.
+        input_size: ``(H, W)`` of the graph (the batch is dynamic).
+        model / ckpt: the loaded network and checkpoint dict (loaded from ``checkpoint`` when ``None``).
+        variant: ``"fp32"`` (the plain export) or a name for a derived graph.
+        build_variant: ``f(fp32_path, out_path)`` writing the derived graph (needed when ``variant``
+            is not ``"fp32"``); the fp32 graph is made (or reused) first.
+        extra_key: more entries that must match (e.g. the calibration data of a quantised graph).
+        rebuild: ignore any cached file.
+
+    Returns:
+        the path of a valid cached graph.
+
+    Raises:
+        MkdError: ``onnx`` is not installed, or the export fails its check.
+    """
+    checkpoint = Path(checkpoint)
+    input_size = (int(input_size[0]), int(input_size[1]))
+    if model is None or ckpt is None:
+        from mkd.networks import load_network
+
+        model, ckpt = load_network(checkpoint, map_location="cpu")
+    key = {"checkpoint_sha256": file_sha256(checkpoint), "input_size": list(input_size), "variant": variant}
+    key.update(dict(extra_key or {}))
+    suffix = "" if variant == "fp32" else f".{variant}"
+    name = f"{checkpoint.stem}.{input_size[0]}x{input_size[1]}{suffix}.onnx"
+    path = checkpoint.with_name(name)
+    if not os.access(checkpoint.parent, os.W_OK):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mkd" / "onnx"
+        path = cache / f"{key['checkpoint_sha256'][:16]}-{name}"
+    if path.exists() and not rebuild:
+        problem = _cache_problem(path, key)
+        if problem is None:
+            return path
+        logger.warning("%s: cached ONNX graph is %s; rebuilding it", path, problem)
+    metadata = checkpoint_metadata(checkpoint, ckpt, model, "onnx", input_size)
+    metadata["cache"] = key
+    if variant == "fp32":
+        export_model(model, "onnx", path, input_size, metadata, check=True)
+    else:
+        if build_variant is None:
+            raise ValueError(f"variant {variant!r} needs build_variant")
+        base = cached_onnx(checkpoint, input_size, model=model, ckpt=ckpt)
+        with _atomic_path(path) as tmp:
+            build_variant(base, tmp)
+            _set_onnx_metadata(tmp, metadata)
+    logger.info("exported %s to %s (ONNX cache, %s)", checkpoint, path, variant)
+    return path
+
+
+def _set_onnx_metadata(path: Path, metadata: Mapping[str, Any]) -> None:
+    """Store ``metadata`` as JSON under ``metadata_props["mkd"]`` of the ONNX file at ``path`` (in place)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for entry in list(proto.metadata_props):
+        if entry.key == METADATA_KEY:
+            proto.metadata_props.remove(entry)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata), default=str)
+    proto.producer_name = "mkd"
+    onnx.save(proto, str(path))
+
+
+def quantize_int8(fp32: str | os.PathLike, output: str | os.PathLike, slices: np.ndarray, batch_size: int = 8) -> Path:
+    """ONNX Runtime static int8 quantisation of ``fp32`` into ``output``, calibrated on ``slices``.
+
+    ``onnxruntime.quantization.quantize_static`` with a ``CalibrationDataReader`` that feeds ``slices``
+    (network input, ``(N, 3, H, W)`` float32) in batches: QDQ format, per-channel int8 weights,
+    uint8 activations, min-max calibration. The graph is pre-processed (shape inference, fusions) first.
+
+    Raises:
+        MkdError: ``onnxruntime`` is not installed, or no calibration slices.
+    """
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as err:
+        raise MkdError("int8 quantisation needs onnxruntime: pip install 'mkd[onnx]'") from err
+    slices = np.ascontiguousarray(np.asarray(slices, dtype=np.float32))
+    if slices.ndim != 4 or slices.shape[0] == 0:
+        raise MkdError(f"int8 calibration needs slices (N, C, H, W), got shape {slices.shape}")
+    batches = [slices[i : i + batch_size] for i in range(0, slices.shape[0], max(int(batch_size), 1))]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {"image": batch}
+
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix="mkd-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre),
+                str(output),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+    return output

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mkd.errors import InputError, MkdError
+from mkd.metrics.segmentation import keep_largest_component
 
 __all__ = [
     "InferenceSettings",
@@ -59,12 +60,22 @@ __all__ = [
     "save_mask",
     "infer",
     "NIFTI_SUFFIXES",
+    "BACKENDS",
+    "calibration_slices",
+    "default_threads",
+    "onnxruntime_available",
+    "resolve_backend",
+    "TorchBackend",
+    "OnnxRuntimeBackend",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Output file name endings accepted for masks.
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: ``--backend`` choices: ``auto`` = ONNX Runtime on a CPU when it is installed, else PyTorch.
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 _DEFAULTS: dict[str, Any] = {"window": (-57.0, 164.0), "channels": "replicate", "spacing": None, "size": 256}
 
@@ -393,7 +404,7 @@ def invert(values: torch.Tensor, preprocessed: Preprocessed) -> torch.Tensor:
 
 
 def predict_slices(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     slices: np.ndarray | torch.Tensor,
     image_size: tuple[int, int] | None = None,
     batch_size: int = 32,
@@ -402,7 +413,8 @@ def predict_slices(
     """Foreground probabilities of (S, C, H, W) slices, in batches.
 
     Args:
-        model: logits-out network in eval mode.
+        model: logits-out network in eval mode, or any callable ``f(x) -> logits`` (a backend of
+            :class:`Segmenter`: :class:`TorchBackend`, :class:`OnnxRuntimeBackend`).
         slices: network input at the prepared size.
         image_size: resize each batch (``area``, as the training bundles) to this size first.
         batch_size: slices per forward.
@@ -419,18 +431,168 @@ def predict_slices(
             if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
                 x = F.interpolate(x, size=tuple(image_size), mode="area")
             outs.append(torch.sigmoid(model(x).float()).cpu())
-    return torch.cat(outs)
+    return torch.cat(outs).contiguous()
 
 
-def keep_largest_component(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Keep the largest 26-connected foreground component of a binary 3D mask (MONAI)."""
-    from monai.transforms import KeepLargestConnectedComponent
+# --- backends -----------------------------------------------------------------------------------
 
-    m = torch.as_tensor(np.asarray(mask))[None]
-    if not bool(m.any()):
-        return np.asarray(mask).astype(np.uint8)
-    out = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)(m)
-    return np.asarray(torch.as_tensor(out)[0]).astype(np.uint8)
+
+def default_threads() -> int:
+    """The CPU cores this process may use (``os.sched_getaffinity``, else ``os.cpu_count``)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` and ``onnx`` (the ``mkd[onnx]`` extra) can be imported."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``torch`` or ``onnxruntime`` for ``backend`` (one of :data:`BACKENDS`) on ``device``.
+
+    ``auto``: PyTorch on a GPU; ONNX Runtime on a CPU when installed, else PyTorch.
+
+    Raises:
+        ValueError: an unknown backend, or ``onnxruntime`` with a non-CPU device.
+        MkdError: ``onnxruntime`` asked for but not installed.
+    """
+    backend = str(backend).lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if backend == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"backend onnxruntime runs on the CPU; got device {device} (use --backend torch)")
+        if not onnxruntime_available():
+            raise MkdError("backend onnxruntime needs the optional extra: pip install 'mkd[onnx]'")
+    return backend
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """``torch.set_num_threads(n)`` for the body, then back to what it was."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class TorchBackend:
+    """Eager PyTorch: ``model(x)`` in ``torch.inference_mode``, channels-last memory on the CPU by default.
+
+    Args:
+        model: the network, in eval mode on ``device``.
+        device: where it runs.
+        channels_last: NHWC weights and input (faster convolutions with oneDNN on CPUs).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool = True) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.model(x)
+
+    def describe(self) -> str:
+        return f"torch ({self.device}{', channels_last' if self.channels_last else ''}, inference_mode)"
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime on the CPU (``CPUExecutionProvider``, all graph optimisations, ``threads`` intra-op threads).
+
+    Args:
+        path: the ONNX graph (input ``image``, output ``logits``).
+        threads: ``intra_op_num_threads``.
+        quantized: shown by :meth:`describe` (``int8``).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int, quantized: str | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.path = Path(path)
+        self.threads = int(threads)
+        self.quantized = quantized
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+    def describe(self) -> str:
+        q = f", {self.quantized}" if self.quantized else ""
+        return f"onnxruntime (CPU{q}, {self.threads} threads, graph {self.path})"
+
+
+def calibration_slices(
+    source: str | os.PathLike, settings: InferenceSettings, split: str = "train", n: int = 64
+) -> np.ndarray:
+    """Network-input slices ``(n, 3, H, W)`` for int8 calibration, evenly spread over ``source``.
+
+    Args:
+        source: a prepared dataset (``mkd prepare`` output: the slices of its ``split``, preprocessed
+            as in training), a folder of NIfTI CT volumes, or one volume (preprocessed as by
+            :class:`Segmenter`).
+        settings: the preprocessing settings; ``image_size`` is the network's input size.
+        split: datalist split of a prepared dataset.
+        n: number of slices.
+
+    Raises:
+        InputError: ``source`` is missing, or holds no slice.
+    """
+    from mkd.data.transforms import volume_to_slices
+
+    source = Path(source)
+    size = tuple(settings.image_size)
+    if (source / "prepare.json").is_file():
+        from mkd.bundle import check_datalist
+        from mkd.data import load_split
+        from mkd.evaluation import slice_transform
+
+        check_datalist(source, [split])
+        items = load_split(source, split)
+        picks = np.unique(np.linspace(0, len(items) - 1, num=min(n, len(items))).round().astype(int))
+        transform = slice_transform(size)
+        xs = [torch.as_tensor(transform(dict(items[i]))["image"]) for i in picks]
+        return torch.stack(xs).float().numpy()
+    paths = find_volumes(source) if source.is_dir() and is_volume_folder(source) else [source]
+    chunks = []
+    for path in paths:
+        pre = preprocess(load_volume(path), settings)
+        x = torch.as_tensor(volume_to_slices(pre.image, channels=settings.channels), dtype=torch.float32)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="area")
+        chunks.append(x)
+    slices = torch.cat(chunks)
+    picks = np.unique(np.linspace(0, slices.shape[0] - 1, num=min(n, slices.shape[0])).round().astype(int))
+    return slices[picks].numpy()
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -513,18 +675,32 @@ class Segmenter:
 
     Args:
         checkpoint: an mkd checkpoint (``RUN/models/model.pt``) or an already built network.
-        data_dir: a prepared dataset whose ``prepare.json`` gives the preprocessing settings.
+        data_dir: a prepared dataset whose ``prepare.json`` gives the preprocessing settings (and, with
+            ``quantize="int8"``, the default calibration slices: its training split).
         window: HU window ``(low, high)`` or ``"max"``; overrides checkpoint / ``data_dir``.
         channels: ``"replicate"`` or ``"2.5d"``; overrides checkpoint / ``data_dir``.
         spacing: voxel size (x, y, z) mm; overrides checkpoint / ``data_dir``.
         size: network input size for checkpoints without ``run.image_size``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        batch_size: slices per forward.
-        lcc: keep only the largest connected component.
+        batch_size: slices per forward; ``None``: 8 on a CPU (fastest for S1 at 256² with ONNX Runtime on
+            2 cores, see docs/export.md), 32 on a GPU.
+        lcc: keep only the largest 3D connected component; ``None`` (default): on for single-organ
+            networks (one output channel).
         threshold: probability threshold (0.5: ``sigmoid(logits) > 0.5``).
+        backend: ``"auto"`` (ONNX Runtime on a CPU when installed, else PyTorch), ``"torch"`` or
+            ``"onnxruntime"``. The ONNX graph of a checkpoint is exported once and cached beside it
+            (:func:`mkd.export.cached_onnx`).
+        threads: CPU threads for the network (PyTorch's intra-op threads while segmenting, ONNX Runtime's
+            ``intra_op_num_threads``); ``None``: the cores this process may use.
+        quantize: ``"int8"``: ONNX Runtime static int8 quantisation (students only), calibrated on
+            ``calibration``.
+        calibration: calibration slices for ``quantize``: a prepared dataset folder (its training split),
+            a folder of NIfTI CT volumes or one volume; default ``data_dir``.
+        channels_last: the PyTorch backend's memory format on the CPU.
 
     Raises:
         InputError: unreadable checkpoint or ``data_dir``.
+        ValueError / MkdError: a backend that cannot run here, ``quantize`` on a teacher or without data.
     """
 
     def __init__(
@@ -536,9 +712,14 @@ class Segmenter:
         spacing: Sequence[float] | None = None,
         size: int | None = None,
         device: str | torch.device | None = "auto",
-        batch_size: int = 32,
-        lcc: bool = False,
+        batch_size: int | None = None,
+        lcc: bool | None = None,
         threshold: float = 0.5,
+        backend: str = "auto",
+        threads: int | None = None,
+        quantize: str | None = None,
+        calibration: str | os.PathLike | None = None,
+        channels_last: bool = True,
     ) -> None:
         from mkd.networks import load_network
         from mkd.utils import resolve_device
@@ -556,11 +737,81 @@ class Segmenter:
         if in_channels != 3:
             raise InputError(self.checkpoint_path, f"network takes {in_channels} input channels; mkd slices have 3")
         self.settings = resolve_settings(ckpt, data_dir, window, channels, spacing, size)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cpu" else 32)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lcc = bool(lcc)
+        out_channels = int(getattr(self.model, "out_channels", 1))
+        self.lcc = out_channels == 1 if lcc is None else bool(lcc)
         self.threshold = float(threshold)
+        self.threads = default_threads() if threads is None else int(threads)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.backend_name = resolve_backend(backend, self.device)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+        if quantize is not None:
+            from mkd.networks.registry import STUDENTS
+
+            name = (ckpt.get("network") or {}).get("name")
+            if name not in STUDENTS:
+                raise MkdError(
+                    f"{self.checkpoint_path or 'network'}: --quantize int8 is for students ({', '.join(STUDENTS)}); "
+                    f"this is {name or type(self.model).__name__!r}"
+                )
+            if self.backend_name != "onnxruntime":
+                raise ValueError(f"quantize int8 runs on ONNX Runtime; got backend {backend!r} on {self.device}")
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if self.backend_name == "torch":
+            self.backend: Any = TorchBackend(self.model, self.device, channels_last and self.device.type == "cpu")
+        else:
+            path = self._onnx_graph(ckpt, quantize, calibration if calibration is not None else data_dir)
+            self.backend = OnnxRuntimeBackend(path, self.threads, quantized=quantize)
+
+    def _onnx_graph(self, ckpt: Mapping[str, Any], quantize: str | None, calibration: Any) -> Path:
+        """The (cached) ONNX graph for this network at the input size, int8 when ``quantize``."""
+        from mkd.export import cached_onnx, export_model, quantize_int8
+
+        size = tuple(self.settings.image_size)
+        build_variant, extra = None, None
+        if quantize is not None:
+            if calibration is None:
+                raise MkdError(
+                    "--quantize int8 needs calibration slices: pass --data (the prepared training data) "
+                    "or --calibration DIR"
+                )
+            split = str((ckpt.get("run") or {}).get("train_split") or "train")
+            extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split}
+
+            def build_variant(fp32: Path, out: Path) -> None:
+                slices = calibration_slices(calibration, self.settings, split=split)
+                quantize_int8(fp32, out, slices, batch_size=min(self.batch_size, 16))
+
+        if self.checkpoint_path is None:  # a built network: export into a private temporary folder
+            self._tmp = tempfile.TemporaryDirectory(prefix="mkd-onnx-")
+            fp32 = Path(self._tmp.name) / "model.onnx"
+            export_model(self.model, "onnx", fp32, size, {"source": type(self.model).__name__}, check=True)
+            self.model.to(self.device)
+            if build_variant is None:
+                return fp32
+            out = Path(self._tmp.name) / "model.int8.onnx"
+            build_variant(fp32, out)
+            return out
+        return cached_onnx(
+            self.checkpoint_path,
+            size,
+            model=self.model,
+            ckpt=ckpt,
+            variant=quantize or "fp32",
+            build_variant=build_variant,
+            extra_key=extra,
+        )
+
+    def describe(self) -> str:
+        """One line: the backend, its device / threads and the graph used."""
+        text = self.backend.describe()
+        if self.backend_name == "torch" and self.device.type == "cpu":
+            text = text[:-1] + f", {self.threads} threads)"
+        return text
 
     def segment(self, volume: str | os.PathLike | Volume) -> InferenceResult:
         """Segment one volume (path or :class:`Volume`); nothing is written."""
@@ -580,7 +831,8 @@ class Segmenter:
         pre = preprocess(vol, self.settings)
         slices = volume_to_slices(pre.image, channels=self.settings.channels)
         lap("preprocess")
-        probs = predict_slices(self.model, slices, self.settings.image_size, self.batch_size, self.device)
+        with _torch_threads(self.threads if self.device.type == "cpu" else None):
+            probs = predict_slices(self.backend, slices, self.settings.image_size, self.batch_size, self.device)
         lap("network")
         stacked = probs[:, 0].permute(1, 2, 0)[None]  # (1, h, w, Z')
         back = invert(stacked, pre)

@@ -52,6 +52,10 @@ def test_all_foreground_prediction_gives_recall_one_and_precision_the_label_frac
     for patient, lab in labels.items():  # per volume: Dice = 2 L / (L + N) of that patient alone
         expected = 2 * lab.sum() / (lab.sum() + lab.size)
         assert per_volume.loc[patient, "dice"] == pytest.approx(expected, rel=1e-6)
+        # the whole volume is one component: the filter changes nothing
+        assert per_volume.loc[patient, "dice_lcc"] == per_volume.loc[patient, "dice"]
+        assert per_volume.loc[patient, "pred_voxels_lcc"] == lab.size
+    assert result.summary["per_volume_lcc"]["hd95"]["n"] == len(labels)
     assert result.summary["slices"] == sum(len(v) for v in labels.values())
 
 
@@ -65,7 +69,21 @@ def test_empty_prediction_gives_zero_recall_and_writes_the_files(tiny_prepared, 
     assert summary["pooled"]["recall"] == 0.0 and summary["pooled"]["dice"] == 0.0
     assert summary["split"] == "test" and summary["network"]["name"] == "s1"
     assert (out / "per_volume.csv").is_file() and (out / "per_slice.csv").is_file()
-    assert "pooled (thesis)" in res.output
+    assert "pooled (thesis)" in res.output and "per volume, largest comp." in res.output
+    header = next(line for line in res.output.splitlines() if line.split()[:2] == ["patient", "dice"])
+    assert header.split() == ["patient", "dice", "dice_lcc", "hd95", "hd95_lcc"]
+
+
+def test_onnxruntime_runner_gives_the_torch_metrics(tiny_prepared, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mkd.inference import Segmenter
+
+    torch.manual_seed(3)
+    ckpt = save_checkpoint(tmp_path / "s.pt", build("s1"), run={"image_size": [SIZE, SIZE]})
+    ref = evaluate_checkpoint(ckpt, tiny_prepared).segmentation.per_slice
+    seg = Segmenter(ckpt, backend="onnxruntime", device="cpu", threads=1)
+    got = evaluate_checkpoint(ckpt, tiny_prepared, runner=seg.backend).segmentation.per_slice
+    assert (got[["tp", "fp", "fn"]].to_numpy() == ref[["tp", "fp", "fn"]].to_numpy()).all()
 
 
 def test_teacher_evaluation_reports_reconstruction_psnr(tiny_prepared, tmp_path):

@@ -9,19 +9,29 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
 from mkd.cli import cli
+from mkd.data.transforms import volume_to_slices
+from mkd.errors import MkdError
+from mkd.export import cached_onnx, read_metadata
 from mkd.inference import (
+    OnnxRuntimeBackend,
     Segmenter,
+    TorchBackend,
+    Volume,
+    default_threads,
     invert,
     keep_largest_component,
     load_volume,
+    onnxruntime_available,
     preprocess,
+    resolve_backend,
     resolve_settings,
 )
-from mkd.networks import build, save_checkpoint
+from mkd.networks import build, load_network, save_checkpoint
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "totalseg_example"  # shipped in the repository (Apache-2.0)
 needs_sample = pytest.mark.skipif(not (SAMPLE / "ct_full.nii.gz").is_file(), reason="real CT sample missing")
@@ -109,7 +119,9 @@ def test_threshold_model_segments_what_a_direct_threshold_finds():
     """Through windowing, resizing, slicing, the network batches and the inverse: HU > 53.5 survives."""
     ct = np.asarray(nib.load(SAMPLE / "ct_full.nii.gz").dataobj).astype(np.float32)
     expected = ct > 53.5
-    result = Segmenter(HUThreshold(), size=256, batch_size=16, device="cpu").segment(SAMPLE / "ct_full.nii.gz")
+    # lcc=False: a direct threshold has many components (bone, vessels), the default filter would keep one
+    seg = Segmenter(HUThreshold(), size=256, batch_size=16, device="cpu", lcc=False)
+    result = seg.segment(SAMPLE / "ct_full.nii.gz")
     assert result.shape == ct.shape and result.slices == 112
     assert 0.02 < expected.mean() < 0.5
     assert dice(result.mask, expected) > 0.95  # (0.97; at 128 area-resizing blurs thin vessels and bone: 0.79)
@@ -380,3 +392,179 @@ def test_folder_input_errors(s1_ckpt, tmp_path):
         cli, ["infer", str(s1_ckpt), "--input", str(cases), "--output", str(tmp_path / "file.nii.gz")]
     )
     assert r.exit_code == 1 and "file.nii.gz: is a file; with a folder --input, --output must be a folder" in r.output
+
+
+# --- backends ----------------------------------------------------------------------------------------
+
+needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime not installed (mkd[onnx])")
+
+
+@pytest.fixture(scope="module")
+def busy_s1(tmp_path_factory) -> Path:
+    """A random-weight s1 at 64x64 whose mask on the real CT is ~10% of the voxels (not empty, not full).
+
+    The classifier's bias is shifted by the 90th percentile of its logits on the CT's slices, so the masks
+    the backends are compared on have a long, irregular border (many voxels near the threshold).
+    """
+    torch.manual_seed(0)
+    net = build("s1").eval()
+    vol = load_volume(SAMPLE / "ct_full.nii.gz")
+    pre = preprocess(vol, resolve_settings({"run": {"image_size": [64, 64]}}))
+    x = F.interpolate(torch.as_tensor(volume_to_slices(pre.image)), size=(64, 64), mode="area")
+    with torch.no_grad():
+        head = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+        head.bias -= float(torch.quantile(net(x).flatten(), 0.9))
+    return save_checkpoint(tmp_path_factory.mktemp("busy") / "s1.pt", net, run={"image_size": [64, 64]})
+
+
+def test_backend_resolution_and_threads(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("torch", cpu) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr("mkd.inference.onnxruntime_available", lambda: False)
+    assert resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(MkdError, match=r"mkd\[onnx\]"):
+        resolve_backend("onnxruntime", cpu)
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnxruntime; got 'tvm'"):
+        resolve_backend("tvm", cpu)
+    monkeypatch.setattr("mkd.inference.onnxruntime_available", lambda: True)
+    assert resolve_backend("auto", cpu) == "onnxruntime"
+    with pytest.raises(ValueError, match="runs on the CPU; got device cuda"):
+        resolve_backend("onnxruntime", torch.device("cuda"))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert default_threads() == 3
+
+
+@needs_ort
+@needs_sample
+def test_every_backend_gives_eager_pytorchs_logits_and_the_same_mask_on_real_ct(busy_s1):
+    vol = load_volume(SAMPLE / "ct_full.nii.gz")
+    eager, _ = load_network(busy_s1)
+    segs = {b: Segmenter(busy_s1, backend=b, device="cpu", threads=2, batch_size=16) for b in ("torch", "onnxruntime")}
+    assert isinstance(segs["torch"].backend, TorchBackend)
+    assert isinstance(segs["onnxruntime"].backend, OnnxRuntimeBackend)
+    pre = preprocess(vol, segs["torch"].settings)
+    x = F.interpolate(torch.as_tensor(volume_to_slices(pre.image)[40:56]), size=(64, 64), mode="area")
+    with torch.no_grad():
+        ref = eager.eval()(x)
+    for name, seg in segs.items():
+        got = seg.backend(x).float()
+        assert got.shape == ref.shape
+        assert float((got - ref).abs().max()) <= 1e-4, name
+    masks = {name: seg.segment(vol).mask for name, seg in segs.items()}
+    fg = int(masks["torch"].sum())
+    assert 0.02 * masks["torch"].size < fg < 0.5 * masks["torch"].size
+    assert np.array_equal(masks["torch"], masks["onnxruntime"]), int((masks["torch"] != masks["onnxruntime"]).sum())
+
+
+@needs_ort
+@needs_sample
+def test_cli_auto_uses_onnxruntime_on_cpu_prints_it_and_writes_the_torch_mask(busy_s1, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(busy_s1.read_bytes())
+    outs = {}
+    for backend in ("auto", "torch"):
+        outs[backend] = tmp_path / f"{backend}.nii.gz"
+        args = ["infer", str(ckpt), "--input", str(SAMPLE / "ct_full.nii.gz"), "--output", str(outs[backend])]
+        r = CliRunner().invoke(cli, [*args, "--device", "cpu", *(["--backend", "torch"] if backend == "torch" else [])])
+        assert r.exit_code == 0, r.output
+        first = r.output.splitlines()[0]
+        if backend == "auto":
+            graph = tmp_path / "model.64x64.onnx"
+            assert first == f"backend: onnxruntime (CPU, {default_threads()} threads, graph {graph})"
+        else:
+            assert first.startswith("backend: torch (cpu, channels_last, inference_mode")
+        assert "largest connected component: on" in r.output
+    assert np.array_equal(nib.load(outs["auto"]).get_fdata(), nib.load(outs["torch"]).get_fdata())
+    assert (tmp_path / "model.64x64.onnx").is_file()
+
+
+@needs_ort
+def test_cached_onnx_is_reused_and_a_corrupt_or_stale_one_is_rebuilt(tmp_path, caplog):
+    torch.manual_seed(1)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build("s1", "tiny"), run={"image_size": [32, 32]})
+    first = cached_onnx(ckpt, (32, 32))
+    assert first == tmp_path / "model.32x32.onnx" and read_metadata(first)["cache"]["input_size"] == [32, 32]
+    stamp = first.stat().st_mtime_ns
+    assert cached_onnx(ckpt, (32, 32)) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    x = torch.rand(3, 3, 32, 32)
+
+    def agrees(model_path: Path) -> bool:
+        model, _ = load_network(model_path)
+        with torch.no_grad():
+            ref = model.eval()(x)
+        return float((OnnxRuntimeBackend(first, threads=1)(x) - ref).abs().max()) <= 1e-4
+
+    # corrupt: garbage bytes -> detected as unreadable, rebuilt, and the session runs
+    first.write_bytes(b"\x08\x07not an onnx graph at all")
+    with caplog.at_level("WARNING", logger="mkd.export"):
+        assert cached_onnx(ckpt, (32, 32)) == first
+    assert "unreadable" in caplog.text and agrees(ckpt)
+    # truncated half-written file
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mkd.export"):
+        cached_onnx(ckpt, (32, 32))
+    assert "unreadable" in caplog.text and agrees(ckpt)
+    # stale: the checkpoint was retrained (new weights, same name) -> its hash no longer matches
+    torch.manual_seed(2)
+    save_checkpoint(ckpt, build("s1", "tiny"), run={"image_size": [32, 32]})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mkd.export"):
+        cached_onnx(ckpt, (32, 32))
+    assert "stale (checkpoint_sha256" in caplog.text and agrees(ckpt)
+    # a Segmenter on the retrained checkpoint runs the rebuilt graph
+    seg = Segmenter(ckpt, backend="onnxruntime", device="cpu", threads=1)
+    assert seg.backend.path == first and agrees(ckpt)
+
+
+def test_torch_backend_uses_channels_last_and_the_thread_count(tmp_path):
+    seen = {}
+
+    class Probe(nn.Module):
+        in_channels = 3
+
+        def forward(self, x):
+            seen["channels_last"] = x.is_contiguous(memory_format=torch.channels_last)
+            seen["threads"] = torch.get_num_threads()
+            seen["inference_mode"] = torch.is_inference_mode_enabled()
+            return x[:, :1]
+
+    before = torch.get_num_threads()
+    seg = Segmenter(Probe(), backend="torch", device="cpu", threads=1, size=16, lcc=False)
+    seg.segment(_volume(tmp_path, np.zeros((16, 16, 4), np.float32)))
+    assert seen == {"channels_last": True, "threads": 1, "inference_mode": True}
+    assert torch.get_num_threads() == before
+
+
+def _volume(tmp_path: Path, array: np.ndarray) -> Volume:
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return load_volume(path)
+
+
+def test_lcc_is_on_by_default_for_single_organ_networks_and_no_lcc_turns_it_off(tmp_path):
+    class Islands(nn.Module):
+        """Foreground on two blobs of the slice: a big one and a small one far away."""
+
+        in_channels, out_channels = 3, 1
+
+        def forward(self, x):
+            out = torch.full_like(x[:, :1], -10.0)
+            out[..., 2:10, 2:10] = 10.0
+            out[..., 13:15, 13:15] = 10.0
+            return out
+
+    vol = _volume(tmp_path, np.zeros((16, 16, 3), np.float32))
+    on = Segmenter(Islands(), backend="torch", device="cpu", size=16)
+    off = Segmenter(Islands(), backend="torch", device="cpu", size=16, lcc=False)
+    assert on.lcc and not off.lcc
+    assert on.segment(vol).foreground == 8 * 8 * 3 and off.segment(vol).foreground == (8 * 8 + 2 * 2) * 3
+
+
+def test_quantize_refuses_teachers_with_one_line(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "t.pt", build("t1", "tiny"), run={"image_size": [32, 32]})
+    r = CliRunner().invoke(cli, ["infer", str(ckpt), "--input", str(tmp_path / "ct.nii.gz"), "--output",
+                                 str(tmp_path / "m.nii.gz"), "--quantize", "int8", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 1 and len(r.output.splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: {ckpt}: --quantize int8 is for students (s1, s2); this is 't1'")

@@ -39,6 +39,7 @@ __all__ = [
     "per_slice_metrics",
     "per_volume_metrics",
     "hausdorff_distance",
+    "keep_largest_component",
     "flatten_summary",
     "SegmentationAccumulator",
     "SegmentationResult",
@@ -260,6 +261,26 @@ def hausdorff_distance(
     return float(hd.reshape(-1)[0])
 
 
+def keep_largest_component(mask: Any) -> np.ndarray:
+    """Keep the largest 26-connected foreground component of a binary 3D mask (MONAI).
+
+    The one implementation behind ``mkd infer``'s default filter and ``mkd evaluate``'s ``*_lcc``
+    metrics: MONAI's ``KeepLargestConnectedComponent`` with full (26-) connectivity.
+
+    Returns:
+        uint8 array of the mask's shape; an empty mask comes back empty.
+    """
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(_to_numpy(mask)).astype(np.uint8)
+    if not arr.any():
+        return arr
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)
+    out = keep(torch.as_tensor(arr)[None])
+    return np.asarray(torch.as_tensor(out)[0]).astype(np.uint8)
+
+
 def _nan_to_none(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -324,12 +345,16 @@ def flatten_summary(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """One flat row from a :class:`SegmentationResult` summary, for the runs table of ``mkd.reports``.
 
     Keys: ``iou, dice, recall, precision`` (pooled, the thesis's numbers), then
-    ``volume_<metric>`` for the per-volume means of the four metrics and ``volume_hd95``.
-    Works on a summary read back from ``summary.json``.
+    ``volume_<metric>`` for the per-volume means of the four metrics and ``volume_hd95``, and
+    ``volume_<metric>_lcc`` when the summary has the largest-component metrics. Works on a
+    summary read back from ``summary.json``.
     """
     row: dict[str, float | None] = {k: summary.get("pooled", {}).get(k) for k in METRIC_NAMES}
     for k in (*METRIC_NAMES, "hd95"):
         row[f"volume_{k}"] = summary.get("per_volume", {}).get(k, {}).get("mean")
+    if "per_volume_lcc" in summary:
+        for k in (*METRIC_NAMES, "hd95"):
+            row[f"volume_{k}_lcc"] = summary["per_volume_lcc"].get(k, {}).get("mean")
     return row
 
 
@@ -353,6 +378,10 @@ class SegmentationAccumulator:
             (counted in ``filled_slices``).
         volumes: false skips per-volume metrics and does not store masks (pooled and
             per-slice only).
+        lcc: also score each restacked prediction after keeping its largest 3D connected
+            component (:func:`keep_largest_component`, as ``mkd infer`` does by default):
+            per-volume columns ``pred_voxels_lcc``, ``<metric>_lcc`` and ``hd95_lcc``, and
+            ``per_volume_lcc`` in the summary.
 
     Example:
         >>> acc = SegmentationAccumulator(spacing=(5.0, 1.6, 1.6))
@@ -373,7 +402,9 @@ class SegmentationAccumulator:
         percentile: float | None = 95.0,
         fill_missing: bool = False,
         volumes: bool = True,
+        lcc: bool = False,
     ) -> None:
+        self.lcc = bool(lcc)
         self.spacing = spacing
         self.threshold = threshold
         self.percentile = percentile
@@ -473,6 +504,13 @@ class SegmentationAccumulator:
             }
             row.update(metrics_from_counts(tp, fp, fn))
             row["hd95"] = hausdorff_distance(pv, lv, spacing=self._spacing_for(pid), percentile=self.percentile)
+            if self.lcc:
+                pl = keep_largest_component(pv).astype(bool)
+                tp, fp, fn = (int(v[0]) for v in _counts(pl[None], lv[None]))
+                row["pred_voxels_lcc"] = tp + fp
+                row.update({f"{k}_lcc": v for k, v in metrics_from_counts(tp, fp, fn).items()})
+                hd = hausdorff_distance(pl, lv, spacing=self._spacing_for(pid), percentile=self.percentile)
+                row["hd95_lcc"] = hd
             rows.append(row)
         return rows
 
@@ -492,6 +530,8 @@ class SegmentationAccumulator:
         per_slice = per_slice.sort_values(["patient", "z"], kind="stable").reset_index(drop=True)
         vol_cols = ["patient", "n_slices", "z_min", "z_max", "filled_slices", "label_voxels", "pred_voxels"]
         vol_cols += ["tp", "fp", "fn", *METRIC_NAMES, "hd95"]
+        if self.lcc:
+            vol_cols += ["pred_voxels_lcc", *(f"{k}_lcc" for k in METRIC_NAMES), "hd95_lcc"]
         per_volume = pd.DataFrame(self._volume_rows() if self.volumes else [], columns=vol_cols)
 
         fg = per_slice[per_slice["label_voxels"] > 0]
@@ -507,6 +547,11 @@ class SegmentationAccumulator:
             "hd95_percentile": self.percentile,
             "hd95_undefined": int(per_volume["hd95"].isna().sum()),
         }
+        if self.lcc:
+            names = (*METRIC_NAMES, "hd95")
+            lcc = per_volume[[f"{k}_lcc" for k in names]].set_axis(list(names), axis=1)
+            summary["per_volume_lcc"] = _describe(lcc, names)
+            summary["hd95_lcc_undefined"] = int(lcc["hd95"].isna().sum())
         return SegmentationResult(pooled=pooled, per_slice=per_slice, per_volume=per_volume, summary=summary)
 
 

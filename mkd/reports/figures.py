@@ -4,6 +4,11 @@
 - :func:`plot_qualitative`: the same test slices under CT / ground truth / students / teacher.
 - :func:`plot_reconstructions`: a teacher's reconstructions next to its inputs, with PSNR.
 - :func:`plot_ablation`: bar chart of a metric per method, mean ± std over seeds.
+- :func:`plot_mask_preview`: a mask over its CT at three axial levels (``mkd infer --preview``).
+
+Every slice is shown in the **radiological convention** (anterior up, the patient's right on the
+image's left) by one function, :func:`radiological`, from RAS-ordered arrays (``mkd prepare``
+stores slices in RAS order; :func:`to_ras` reorients any volume by its affine).
 
 Each function writes its PNG atomically and returns the path.
 """
@@ -18,7 +23,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_training_curves", "plot_qualitative", "plot_reconstructions", "plot_ablation"]
+__all__ = [
+    "plot_training_curves",
+    "plot_qualitative",
+    "plot_reconstructions",
+    "plot_ablation",
+    "plot_mask_preview",
+    "preview_panels",
+    "radiological",
+    "to_ras",
+]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -55,6 +69,92 @@ def _gray(images: Any) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"images must be (N, C, H, W), (N, H, W) or (H, W), got shape {a.shape}")
     return a
+
+
+def radiological(slices: Any) -> np.ndarray:
+    """Axial slice(s) for display in the radiological convention: anterior up, patient's right on the left.
+
+    Args:
+        slices: array ``(..., X, Y)`` whose last two axes are RAS-ordered (index increasing to the
+            patient's right and anterior), as ``mkd prepare`` stores slices and :func:`to_ras` gives.
+
+    Returns:
+        ``(..., Y, X)``: row 0 is the most anterior row, column 0 the patient's rightmost column
+        (``imshow`` draws row 0 at the top).
+    """
+    a = np.asarray(slices)
+    return np.swapaxes(a[..., ::-1, ::-1], -1, -2)
+
+
+def to_ras(volume: Any, affine: Any) -> np.ndarray:
+    """A 3D volume reoriented (exact flips and axis swaps, nibabel) to RAS voxel order by its affine."""
+    import nibabel as nib
+
+    data = _numpy(volume)
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    return nib.orientations.apply_orientation(data, nib.orientations.ornt_transform(ornt, ras))
+
+
+def preview_panels(ct: Any, mask: Any, affine: Any, levels: int = 3) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The axial panels of :func:`plot_mask_preview`: ``(ct, mask, z)`` per level, in display orientation.
+
+    The levels are spread over the mask's axial extent (25, 50 and 75 % of the slices that hold
+    foreground, for ``levels=3``), or over the whole volume when the mask is empty; ``z`` is the
+    RAS slice index (0 = most inferior).
+    """
+    ct_ras = to_ras(ct, affine).astype(np.float32)
+    mask_ras = to_ras(mask, affine) > 0
+    if ct_ras.shape != mask_ras.shape:
+        raise ValueError(f"mask shape {mask_ras.shape} differs from the CT's {ct_ras.shape}")
+    zs = np.flatnonzero(mask_ras.any(axis=(0, 1)))
+    lo, hi = (int(zs[0]), int(zs[-1])) if zs.size else (0, ct_ras.shape[2] - 1)
+    picks = sorted({int(round(lo + (hi - lo) * (i + 1) / (levels + 1))) for i in range(levels)})
+    return [(radiological(ct_ras[:, :, z]), radiological(mask_ras[:, :, z]), z) for z in picks]
+
+
+def plot_mask_preview(
+    ct: Any,
+    mask: Any,
+    affine: Any,
+    path: str | PathLike,
+    *,
+    levels: int = 3,
+    window: tuple[float, float] = (-160.0, 240.0),
+    title: str | None = None,
+) -> Path:
+    """A mask (red) over its CT at ``levels`` axial levels, radiological convention (see :func:`preview_panels`).
+
+    Args:
+        ct: the CT volume (HU), any voxel order.
+        mask: the mask, same grid.
+        affine: the volume's voxel-to-world (RAS mm) affine.
+        path: PNG to write.
+        levels: number of axial levels.
+        window: HU shown black..white (default: abdomen, W 400 L 40).
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    panels = preview_panels(ct, mask, affine, levels)
+    fig = _figure(3.0 * len(panels), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (img, m, z) in zip(axes, panels):
+        ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+        overlay = np.zeros((*m.shape, 4), dtype=np.float32)
+        overlay[m] = (1.0, 0.1, 0.1, 0.45)
+        ax.imshow(overlay, interpolation="nearest")
+        ax.set_title(f"axial z={z}, {int(m.sum())} voxels", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
+        ax.text(0.5, 0.98, "A", transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="top")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
 
 
 def plot_training_curves(
@@ -113,10 +213,11 @@ def plot_qualitative(
     row_labels: Sequence[str] | None = None,
     threshold: float = 0.5,
 ) -> Path:
-    """Grid of slices (rows) × CT and each mask overlaid on it (columns).
+    """Grid of slices (rows) × CT and each mask overlaid on it (columns), in the radiological convention.
 
     Args:
-        images: CT slices ``(N, C, H, W)`` (the middle channel is shown) or ``(N, H, W)``.
+        images: CT slices ``(N, C, H, W)`` (the middle channel is shown) or ``(N, H, W)``, RAS-ordered
+            (``H`` = x, ``W`` = y, as ``mkd prepare`` stores them); shown with :func:`radiological`.
         masks: column title → masks ``(N, 1, H, W)`` or ``(N, H, W)`` for the same slices, in
             display order, e.g. ``{"ground truth": y, "student": s, "distilled": d, "teacher": t}``.
         path: PNG to write.
@@ -128,9 +229,9 @@ def plot_qualitative(
     Returns:
         ``path``.
     """
-    ct = _gray(images)
+    ct = radiological(_gray(images))
     n = ct.shape[0]
-    cols = {k: _gray(v) >= threshold for k, v in masks.items()}
+    cols = {k: radiological(_gray(v) >= threshold) for k, v in masks.items()}
     for k, v in cols.items():
         if v.shape != ct.shape:
             raise ValueError(f"masks[{k!r}] has shape {v.shape}; the images are {ct.shape}")
@@ -171,6 +272,8 @@ def plot_reconstructions(
 ) -> Path:
     """Teacher reconstructions: rows = slices, columns = input, reconstruction, |difference|.
 
+    Slices are RAS-ordered (as ``mkd prepare`` stores them) and shown with :func:`radiological`.
+
     Each row is titled with its PSNR (dB, over all channels, :func:`mkd.metrics.psnr`).
 
     Args:
@@ -191,7 +294,7 @@ def plot_reconstructions(
     if x.ndim == 2:
         x, r = x[None], r[None]
     values = psnr(r, x, data_range=data_range, reduction="none")
-    gx, gr = _gray(x), _gray(r)
+    gx, gr = radiological(_gray(x)), radiological(_gray(r))
     n = gx.shape[0]
     fig = _figure(6.6, 2.2 * n + 0.3)
     axes = fig.subplots(n, 3, squeeze=False)

@@ -35,8 +35,9 @@ __all__ = ["collect_runs", "collect_volumes", "build_report", "ReportResult", "V
 
 logger = logging.getLogger(__name__)
 
-#: per-volume columns of the second table (mean over test volumes, MSD convention).
-VOLUME_METRICS: tuple[str, ...] = ("volume_dice", "volume_iou", "volume_hd95")
+#: per-volume columns of the second table (mean over test volumes, MSD convention); the ``_lcc`` ones
+#: (after the largest-connected-component filter, ``mkd infer``'s default) when the evaluations have them.
+VOLUME_METRICS: tuple[str, ...] = ("volume_dice", "volume_iou", "volume_hd95", "volume_dice_lcc", "volume_hd95_lcc")
 _KIND_RANK = {"teacher": 0, "student": 1, "distill": 2}
 _RUN_FIELDS = ("id", "kind", "method", "arch", "teacher", "teacher_arch", "scales", "loss", "pmd", "mode",
                "data_fraction", "seed", "profile", "baseline")  # fmt: skip
@@ -155,7 +156,8 @@ def collect_volumes(runs: pd.DataFrame) -> pd.DataFrame:
         if not path.is_file():
             continue
         pv = pd.read_csv(path)
-        keep = [c for c in ("patient", "iou", "dice", "recall", "precision", "hd95") if c in pv.columns]
+        keep = [c for c in ("patient", "iou", "dice", "recall", "precision", "hd95", "dice_lcc", "hd95_lcc")
+                if c in pv.columns]  # fmt: skip
         pv = pv[keep].copy()
         pv.insert(0, "seed", row.seed)
         pv.insert(0, "baseline", row.baseline)
@@ -304,8 +306,8 @@ def build_report(
     - ``summary.csv`` / ``.md``: rows = method, pooled IoU / Dice / recall / precision (as the
       thesis), mean ± std over seeds, % change against the matching baseline student, and the
       seed-paired test of Dice (column ``p dice (seeds)``).
-    - ``volume.csv`` / ``.md``: per-volume Dice, IoU, HD95 (mean over test volumes), with the
-      volume-paired test of Dice.
+    - ``volume.csv`` / ``.md``: per-volume Dice, IoU, HD95 (mean over test volumes), and Dice and
+      HD95 after the largest-connected-component filter (``*_lcc``), with the volume-paired test of Dice.
     - ``significance_seeds.csv`` / ``.md`` and ``significance_volumes.csv`` / ``.md``: every
       method against its baseline, every metric (:func:`mkd.reports.significance_table`).
     - ``groups/<block>.csv`` / ``.md``: one table per grid block (thesis table).
@@ -366,9 +368,10 @@ def build_report(
     runs = runs.iloc[np.argsort([order.index(m) for m in runs["method"]], kind="stable")].reset_index(drop=True)
 
     volumes = collect_volumes(runs)
-    all_metrics = [*metrics, *VOLUME_METRICS]
+    volume_metrics = [m for m in VOLUME_METRICS if m in runs.columns and runs[m].notna().any()]
+    all_metrics = [*metrics, *volume_metrics]
     summary = summary_table(runs, metrics)
-    volume = summary_table(runs, VOLUME_METRICS)
+    volume = summary_table(runs, volume_metrics)
     sig_seeds = significance_table(runs, all_metrics, pair_on="seed", n_resamples=n_resamples, seed=seed)
     vol_metrics = [m for m in ("dice", "iou", "hd95") if m in volumes.columns]
     sig_volumes = (significance_table(volumes, vol_metrics, pair_on="patient", n_resamples=n_resamples, seed=seed)

@@ -15,6 +15,7 @@ from mkd.metrics import (
     SegmentationAccumulator,
     flatten_summary,
     hausdorff_distance,
+    keep_largest_component,
     metrics_from_counts,
     per_slice_metrics,
     per_volume_metrics,
@@ -234,3 +235,33 @@ def test_bad_shapes_raise():
         pooled_metrics(np.zeros((4, 4)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="3 entries for 2 slices"):
         per_volume_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), ["a", "a", "a"], [0, 1])
+
+
+def test_largest_component_filter_removes_a_far_island_and_its_hd95():
+    """Label: a 3x3x3 cube at z 2..4. Prediction: the cube plus a 2x2x2 island at z 20..21, in the cube's rows.
+
+    Directed distances pred -> label surface (z spacing 2 mm): 26 cube-surface voxels at 0, the island's
+    4 voxels at z=20 at 16 slices = 32 mm and 4 at z=21 at 34 mm; the 95th percentile of those 34 values
+    (index 0.95 * 33 = 31.35, between two 34s) is 34 mm; label -> pred is 0. With the filter the island goes:
+    HD95 0, Dice 1. Without it Dice = 2 * 27 / (35 + 27).
+    """
+    label = np.zeros((24, 6, 6), bool)
+    label[2:5, 1:4, 1:4] = True
+    pred = label.copy()
+    pred[20:22, 1:3, 1:3] = True
+    patients, zs = ["p"] * 24, list(range(24))
+    acc = SegmentationAccumulator(spacing=(2.0, 1.0, 1.0), lcc=True)
+    acc.update(pred, label, patients, zs)
+    result = acc.compute()
+    row = result.per_volume.iloc[0]
+    assert row["hd95"] == pytest.approx(34.0)
+    assert row["dice"] == pytest.approx(54 / 62)
+    assert row["hd95_lcc"] == 0.0 and row["dice_lcc"] == 1.0 and row["pred_voxels_lcc"] == 27
+    assert result.summary["per_volume_lcc"]["hd95"]["mean"] == 0.0
+    flat = flatten_summary(result.summary)
+    assert flat["volume_hd95"] == pytest.approx(34.0) and flat["volume_hd95_lcc"] == 0.0
+    assert np.array_equal(keep_largest_component(pred), label.astype(np.uint8))
+    # without lcc=True the columns are absent (other users of the accumulator are unchanged)
+    plain = SegmentationAccumulator(spacing=(2.0, 1.0, 1.0))
+    plain.update(pred, label, patients, zs)
+    assert "hd95_lcc" not in plain.compute().per_volume.columns

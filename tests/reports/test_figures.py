@@ -63,3 +63,62 @@ def test_ablation_bars(tmp_path):
     summary = summary_table(runs, metrics=("dice",))
     _check_png(plot_ablation(summary, tmp_path / "summary.png", metric="dice"))
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def _marker_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A 40x30x12 RAS volume (1 mm) with a bright blob in the patient's anterior right (high x, high y)."""
+    vol = np.full((40, 30, 12), -1000.0, np.float32)
+    vol[5:35, 4:26, :] = 40.0  # the "body"
+    vol[29:34, 20:25, 2:10] = 1000.0  # anterior right, z 2..9
+    return vol, np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def _quadrant(img: np.ndarray) -> str:
+    rows, cols = np.nonzero(img)
+    r, c = rows.mean() / img.shape[0], cols.mean() / img.shape[1]
+    return ("upper" if r < 0.5 else "lower") + "-" + ("left" if c < 0.5 else "right")
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PIL", "SLA"])
+def test_axial_panels_show_anterior_up_and_the_patients_right_on_the_left(tmp_path, codes, monkeypatch):
+    import nibabel as nib
+    from matplotlib.axes import Axes
+
+    from mkd.reports import plot_mask_preview, preview_panels
+
+    vol, affine = _marker_volume()
+    img = nib.Nifti1Image(vol, affine)
+    now = nib.orientations.io_orientation(img.affine)
+    img = img.as_reoriented(nib.orientations.ornt_transform(now, nib.orientations.axcodes2ornt(tuple(codes))))
+    data, aff = np.asarray(img.dataobj), img.affine
+    assert nib.aff2axcodes(aff) == tuple(codes)
+    mask = (data > 500).astype(np.uint8)
+    panels = preview_panels(data, mask, aff)
+    assert [z for *_, z in panels] == [4, 6, 7]  # 25, 50, 75 % of the blob's z 2..9: 3.75, 5.5, 7.25
+    for ct2d, m2d, _ in panels:
+        assert ct2d.shape == (30, 40) and _quadrant(m2d) == "upper-left" and _quadrant(ct2d > 500) == "upper-left"
+    shown = []
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: shown.append(np.asarray(x)))
+    plot_mask_preview(data, mask, aff, tmp_path / "preview.png")
+    assert len(shown) == 6 and all(_quadrant(s > 500) == "upper-left" for s in shown[0::2])
+    assert all(_quadrant(s[..., 3] > 0) == "upper-left" for s in shown[1::2])  # the red overlay's alpha
+
+
+def test_qualitative_and_reconstruction_panels_are_radiological(tmp_path, monkeypatch):
+    """Prepared slices are RAS (rows = x, columns = y): a blob at high x, high y must be drawn upper left."""
+    from matplotlib.axes import Axes
+
+    from mkd.reports import radiological
+
+    ct = np.zeros((1, 3, 40, 30), np.float32)
+    ct[..., 29:34, 20:25] = 1.0
+    assert _quadrant(radiological(ct[0, 1])) == "upper-left"
+    shown = []
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, *a, **k: shown.append(np.asarray(x)))
+    monkeypatch.setattr(Axes, "contour", lambda self, *a, **k: None)
+    plot_qualitative(ct, {"ground truth": ct[:, 1:2]}, tmp_path / "q.png")
+    assert shown[0].shape == (30, 40) and _quadrant(shown[0] > 0.5) == "upper-left"
+    assert _quadrant(shown[2][..., 3] > 0) == "upper-left"
+    shown.clear()
+    plot_reconstructions(ct, ct, tmp_path / "r.png")
+    assert _quadrant(shown[0] > 0.5) == "upper-left" and _quadrant(shown[1] > 0.5) == "upper-left"

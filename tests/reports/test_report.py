@@ -201,3 +201,20 @@ def test_report_says_which_runs_it_left_out_and_why(fake_runs, tmp_path):
     only = build_report(fake_runs, tmp_path / "r2", only=[f"{IDS['S1']}-seed0", "half-finished"], figures=False,
                         n_resamples=100)  # fmt: skip
     assert only.left_out == {"half-finished": expected["half-finished"]}  # runs outside --grid are not listed
+
+
+def test_volume_table_shows_the_largest_component_metrics_when_evaluated(fake_runs, tmp_path):
+    """Evaluations with ``per_volume_lcc`` (mkd evaluate on a single-organ network) add *_lcc columns."""
+    assert "volume_hd95_lcc_mean" not in build_report(fake_runs, tmp_path / "plain", figures=False).frames["volume"]
+    for summary_path in fake_runs.glob("*/eval/test/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        seed = json.loads((summary_path.parents[2] / "run.json").read_text())["seed"]
+        summary["per_volume_lcc"] = {"dice": {"mean": 0.9 + 0.01 * seed, "std": 0.0, "n": 3},
+                                     "hd95": {"mean": 2.0 * (seed + 1), "std": 0.0, "n": 3}}  # fmt: skip
+        summary_path.write_text(json.dumps(summary))
+    result = build_report(fake_runs, tmp_path / "lcc", figures=False)
+    v = result.frames["volume"].set_index("method")
+    assert v.loc["S1", "volume_hd95_lcc_mean"] == pytest.approx((2.0 + 4.0 + 6.0) / 3)
+    assert v.loc["KD(T1,S1) B", "volume_dice_lcc_mean"] == pytest.approx(0.91)
+    header = (tmp_path / "lcc" / "volume.md").read_text().splitlines()[0]
+    assert "volume_dice_lcc" in header and "volume_hd95_lcc" in header
