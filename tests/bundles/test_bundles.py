@@ -558,3 +558,41 @@ def test_a_new_kd_loss_is_one_class_and_one_config_entry(tiny_prepared, tmp_path
     assert (df["train_cosine_bn"] > 0).all() and (df["train_contrastive_bn"] > 0).all()
     w = {"seg": 1.0, "contrastive_bn": 0.2, "cosine_bn": 0.5}  # the recommended recipe's seg and bn weights
     assert (df["train_loss"] - sum(v * df[f"train_{k}"] for k, v in w.items())).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_evaluate_json_runs_mkd_evaluation(teacher_run, tiny_prepared, tmp_path):
+    """`monai.bundle run [train, teacher, evaluate]` gives the metrics of `mkd evaluate` (one evaluation path)."""
+    from mkd.evaluation import evaluate_checkpoint
+
+    out, _ = teacher_run
+    configs = [str(ROOT / "bundles/mkd/configs" / f) for f in ("train.json", "teacher.json", "evaluate.json")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs),
+           "--dataset_dir", str(tiny_prepared), "--output_dir", str(tmp_path / "ev"),
+           "--ckpt_dir", str(out / "models"), "--device", "$torch.device('cpu')"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ev" / "eval" / "test" / "summary.json").read_text())
+    expected = evaluate_checkpoint(out / "models" / "model.pt", tiny_prepared, device="cpu").summary
+    assert summary["pooled"] == pytest.approx(expected["pooled"])
+    assert (tmp_path / "ev" / "eval" / "test" / "per_volume.csv").is_file()
+
+
+@pytest.mark.slow
+def test_inference_json_runs_the_segmenter(teacher_run, tiny_phantom, tmp_path):
+    """[train, teacher, inference] writes the masks of `mkd infer` (mkd.inference.Segmenter): one inference path."""
+    import nibabel as nib
+
+    from mkd.inference import Segmenter
+
+    out, _ = teacher_run
+    configs = [bundle_dir() / "configs" / f for f in ("train.json", "teacher.json", "inference.json")]
+    settings = {"output_dir": str(tmp_path / "inf"), "ckpt_dir": str(out / "models"),
+                "input_dir": str(tiny_phantom / "imagesTs"), "device": "$torch.device('cpu')"}  # fmt: skip
+    parser = compose_config(configs, settings)
+    parser.get_parsed_content("run", lazy=True)
+    Segmenter(out / "models" / "model.pt", device="cpu").segment_folder(tiny_phantom / "imagesTs", tmp_path / "ref")
+    masks = sorted((tmp_path / "inf" / "pred").iterdir())
+    assert [p.name for p in masks] == sorted(p.name for p in (tmp_path / "ref").iterdir()) and masks
+    for p in masks:
+        assert (nib.load(p).get_fdata() == nib.load(tmp_path / "ref" / p.name).get_fdata()).all()
