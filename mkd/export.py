@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from mkd.errors import InputError, MkdError
+from mkd.utils import atomic_path
 
 __all__ = [
     "FORMATS",
@@ -83,21 +83,6 @@ class ExportResult:
     max_abs_diff: float | None = None
 
 
-@contextlib.contextmanager
-def _atomic_path(target: Path):
-    """A temporary path beside ``target`` (same suffix), renamed over it when the body succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _check_format(fmt: str) -> str:
     fmt = str(fmt).lower()
     if fmt not in FORMATS:
@@ -129,7 +114,7 @@ def export_torchscript(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
     extra = {_TS_EXTRA: json.dumps(dict(metadata or {}), default=str)}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.jit.save(traced, str(tmp), _extra_files=extra)
     return path
 
@@ -156,7 +141,7 @@ def export_onnx(
     path = Path(path)
     model = _prepare(model)
     example = _example(tuple(input_size), int(getattr(model, "in_channels", 3)))
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -462,7 +447,7 @@ def cached_onnx(
         if build_variant is None:
             raise ValueError(f"variant {variant!r} needs build_variant")
         base = cached_onnx(checkpoint, input_size, model=model, ckpt=ckpt)
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             build_variant(base, tmp)
             _set_onnx_metadata(tmp, metadata)
     logger.info("exported %s to %s (ONNX cache, %s)", checkpoint, path, variant)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from mkd.errors import InputError, MkdError
 from mkd.metrics.segmentation import keep_largest_component
+from mkd.utils import atomic_path
 
 __all__ = [
     "InferenceSettings",
@@ -608,7 +609,7 @@ def _check_output(path: Path) -> None:
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
     """Write a uint8 NIfTI with the input's affine (and its NIfTI header, when it was NIfTI), atomically.
 
-    The file appears only when complete (temporary file beside it, then ``os.replace``).
+    The file appears only when complete (:func:`mkd.utils.atomic_path`), with the umask's mode.
     """
     import nibabel as nib
 
@@ -628,17 +629,9 @@ def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path
         img.header.set_data_dtype(np.uint8)
         img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"mkd infer mask"
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 

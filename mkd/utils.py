@@ -16,6 +16,7 @@ from mkd.errors import MkdError
 __all__ = [
     "atomic_dir",
     "atomic_file",
+    "atomic_path",
     "write_json",
     "umask_mode",
     "seed_everything",
@@ -81,20 +82,41 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside ``target``; rename it over ``target`` when the body succeeds."""
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary path beside ``target``, renamed over it when the body succeeds (removed when it raises).
+
+    For writers that take a file name (nibabel, ONNX export, ``np.save``). The file gets the
+    mode a plain ``open`` would give it (:func:`umask_mode`), not ``tempfile``'s private 0o600.
+
+    Args:
+        target: the final path.
+        suffix: the temporary file's suffix (some writers pick the format by it); default
+            ``target``'s last suffix.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    suffix = target.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=suffix, dir=target.parent)
+    os.close(fd)
     try:
+        yield Path(tmp)
         umask_mode(tmp, directory=False)
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
-            yield fh
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "w", newline: str | None = None) -> Iterator[Any]:
+    """Open a temporary file beside ``target``; rename it over ``target`` when the body succeeds.
+
+    Text is written as UTF-8; ``newline`` as for :func:`open` (``""`` for the ``csv`` module).
+    """
+    with atomic_path(target, suffix="") as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as fh:
+            yield fh
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

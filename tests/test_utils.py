@@ -57,3 +57,21 @@ def test_atomic_writes_still_replace_whole_or_not_at_all(tmp_path, umask):
         (tmp / "x").write_text("new")
     assert (tmp_path / "d" / "x").read_text() == "new" and _mode(tmp_path / "d") == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]
+
+
+def test_atomic_path_gives_the_umask_mode_and_leaves_nothing_on_error(tmp_path):
+    """Masks and ONNX files were 0600 (tempfile's mode) instead of what the umask gives a plain open."""
+    from mkd.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "mask.nii.gz", suffix=".nii.gz") as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz")
+            tmp.write_bytes(b"mask")
+        assert stat.S_IMODE((tmp_path / "mask.nii.gz").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "model.onnx") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("export failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]

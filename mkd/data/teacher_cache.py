@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from mkd.errors import InputError
+from mkd.utils import atomic_file
 
 __all__ = ["TeacherCache", "LoadTeacherCached", "CACHE_PREFIX"]
 
@@ -148,7 +149,8 @@ class TeacherCache:
         every rank sees (one machine, or a shared file system).
         """
         from mkd.networks import FeatureRecorder, feature_shapes
-        from mkd.networks.projector import match_spatial
+        from mkd.networks.base import reconstruction
+        from mkd.networks.projector import match_spatial, pool_spatial
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
@@ -183,11 +185,9 @@ class TeacherCache:
             directory.mkdir(parents=True, exist_ok=True)
             arrays: dict[str, np.lib.format.open_memmap] = {}
             teacher.eval()
-            had_reconstruct = getattr(teacher, "reconstruct", None)
-            if had_reconstruct is not None:
-                teacher.reconstruct = False  # the reconstruction decoder is not needed for distillation
             rows: dict[str, int] = {}
-            try:
+            # the reconstruction decoder is not needed for distillation
+            with reconstruction(teacher, False):
                 with FeatureRecorder(teacher, list(scales), detach=True) as recorder, torch.no_grad():
                     for start in range(0, len(data), batch_size):
                         items = data[start : start + batch_size]
@@ -196,7 +196,7 @@ class TeacherCache:
                             out = teacher(images.to(device))
                         values = {s: match_spatial(recorder.features[s].float(), targets[s]) for s in scales}
                         if pool:
-                            values = {s: v.mean(dim=tuple(range(2, v.ndim)), keepdim=True) for s, v in values.items()}
+                            values = {s: pool_spatial(v) for s, v in values.items()}
                         if logits:
                             values["logits"] = out.float()
                         for name, v in values.items():
@@ -208,16 +208,12 @@ class TeacherCache:
                             arrays[name][start : start + len(items)] = v.cpu().numpy().astype(_DTYPES[dtype])
                         for offset, it in enumerate(items):
                             rows[_item_key(it)] = start + offset
-            finally:
-                if had_reconstruct is not None:
-                    teacher.reconstruct = had_reconstruct
             for name, arr in arrays.items():
                 arr.flush()
                 del arr
                 os.replace(directory / f"{name}.npy.tmp", directory / f"{name}.npy")
-            tmp = directory / "index.json.tmp"
-            tmp.write_text(json.dumps({"rows": rows, "names": names, "meta": meta}))
-            os.replace(tmp, index_file)
+            with atomic_file(index_file) as fh:
+                fh.write(json.dumps({"rows": rows, "names": names, "meta": meta}))
             cache = cls(directory)
             logger.info("teacher cache: %d slices, %.1f MB in %s", len(cache), cache.nbytes() / 1e6, directory)
             return cache

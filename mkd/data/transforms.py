@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    LabelToMaskd,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -34,7 +35,6 @@ __all__ = [
     "FillMissingLabeld",
     "LoadSliced",
     "ScaleByMaxd",
-    "SelectLabeld",
     "parse_window",
     "volume_to_slices",
     "volume_transforms",
@@ -79,21 +79,6 @@ class ScaleByMaxd(MapTransform):
         return d
 
 
-class SelectLabeld(MapTransform):
-    """Binary mask of one label value: ``label == value`` as float (MSD masks keep several organs in one file)."""
-
-    def __init__(self, keys: KeysCollection, value: int, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.value = int(value)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = (d[key] == self.value).to(torch.float32) if isinstance(d[key], torch.Tensor) else (
-                np.asarray(d[key]) == self.value).astype(np.float32)  # fmt: skip
-        return d
-
-
 def volume_transforms(
     keys: Sequence[str] = ("image", "label"),
     window: tuple[float, float] | str = DEFAULT_WINDOW,
@@ -134,7 +119,7 @@ def volume_transforms(
         EnsureChannelFirstd(keys=keys),
     ]
     if has_label and label_value is not None:
-        xforms.append(SelectLabeld(keys=label_key, value=label_value))
+        xforms.append(LabelToMaskd(keys=label_key, select_labels=[int(label_value)]))
     xforms.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if spacing is not None:
         xforms.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=interp))

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import CommonKeys, min_version, optional_import
 
+from mkd.utils import atomic_file
+
 Events, _ = optional_import("ignite.engine", "0.4.4", min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -155,13 +157,10 @@ class EpochCSVLogger:
         fields: list[str] = []
         for r in rows:
             fields.extend(k for k in r if k not in fields)
-        self.filename.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.filename.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_file(self.filename, newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.filename)
 
 
 def _fmt(value: Any) -> str:

@@ -37,6 +37,8 @@ from monai.utils import CommonKeys, min_version, optional_import
 
 from mkd.errors import InputError
 from mkd.handlers.csv_logger import LOSS_TERMS_KEY
+from mkd.networks.base import reconstruction
+from mkd.networks.projector import pool_spatial
 
 Events, _ = optional_import("ignite.engine", "0.4.4", min_version, "Events")
 if TYPE_CHECKING:
@@ -181,11 +183,6 @@ def distillation_terms(
     if "pmd" in weights:
         terms["pmd"] = {"input": LOGITS, "loss": PMDLoss(temperature=pmd_temperature), "weight": float(weights["pmd"])}
     return terms
-
-
-def pool_spatial(feature: torch.Tensor) -> torch.Tensor:
-    """Spatial mean of ``(B, C, *spatial)`` keeping the dims: ``(B, C, 1, ...)``."""
-    return feature.mean(dim=tuple(range(2, feature.ndim)), keepdim=True)
 
 
 def distillation_weights(
@@ -404,18 +401,11 @@ class DistillationHandler:
             return feats, logits
         self.live_steps += 1
         self.teacher.eval()
-        had_reconstruct = getattr(self.teacher, "reconstruct", None)
-        try:
-            if had_reconstruct is not None:
-                self.teacher.reconstruct = False
-            with torch.no_grad(), contextlib.ExitStack() as stack:
-                if self.teacher_recorder is not None:
-                    stack.enter_context(self.teacher_recorder.recording())
-                logits = self.teacher(images)
-                feats = dict(self.teacher_recorder.features) if self.teacher_recorder is not None else {}
-        finally:
-            if had_reconstruct is not None:
-                self.teacher.reconstruct = had_reconstruct
+        with reconstruction(self.teacher, False), torch.no_grad(), contextlib.ExitStack() as stack:
+            if self.teacher_recorder is not None:
+                stack.enter_context(self.teacher_recorder.recording())
+            logits = self.teacher(images)
+            feats = dict(self.teacher_recorder.features) if self.teacher_recorder is not None else {}
         return feats, logits
 
     def _add_loss(self, engine: Engine) -> None:

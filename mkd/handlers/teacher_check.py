@@ -51,21 +51,18 @@ def validation_quality(
     """
     from mkd.metrics import metrics_from_counts
     from mkd.metrics.calibration import expected_calibration_error, logit_summary
+    from mkd.networks.base import reconstruction
 
     was_training = network.training
-    had_reconstruct = getattr(network, "reconstruct", None)
     network.eval()
     logits, labels = [], []
     try:
-        if had_reconstruct is not None:
-            network.reconstruct = False
-        for batch in batches:
-            out = network(torch.as_tensor(batch["image"]).to(device))
-            logits.append(out.float().cpu().numpy())
-            labels.append(torch.as_tensor(batch["label"]).cpu().numpy() > 0.5)
+        with reconstruction(network, False):
+            for batch in batches:
+                out = network(torch.as_tensor(batch["image"]).to(device))
+                logits.append(out.float().cpu().numpy())
+                labels.append(torch.as_tensor(batch["label"]).cpu().numpy() > 0.5)
     finally:
-        if had_reconstruct is not None:
-            network.reconstruct = had_reconstruct
         network.train(was_training)
     z = np.concatenate(logits)
     y = np.concatenate(labels)

@@ -6,10 +6,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from monai.utils import LossReduction
 
 __all__ = ["check_reduction", "reduce", "float32_compute"]
 
-_REDUCTIONS = ("none", "mean", "sum")
+#: MONAI's loss reductions: ``none``, ``mean``, ``sum``
+_REDUCTIONS = tuple(r.value for r in LossReduction)
 
 
 def check_reduction(reduction: str) -> str:
@@ -25,9 +27,9 @@ def check_reduction(reduction: str) -> str:
 
 def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """Apply ``reduction`` (``"none"``, ``"mean"`` or ``"sum"``) to a tensor of per-element losses."""
-    if reduction == "mean":
+    if reduction == LossReduction.MEAN:
         return loss.mean()
-    if reduction == "sum":
+    if reduction == LossReduction.SUM:
         return loss.sum()
     return loss
 

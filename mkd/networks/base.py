@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["MkdNetwork", "SCALES", "plain_config"]
+__all__ = ["MkdNetwork", "MultiTaskForward", "SCALES", "plain_config", "reconstruction"]
 
 #: Scale names every network declares (multi-task teachers add ``"recon"``).
 SCALES: tuple[str, ...] = ("enc", "bn", "dec")
+
+
+@contextlib.contextmanager
+def reconstruction(network: nn.Module, on: bool) -> Iterator[nn.Module]:
+    """Switch a multi-task network's reconstruction decoder on or off for a block, then restore it.
+
+    Networks without a ``reconstruct`` attribute (students, single-task U-Net) are left alone.
+
+    Example:
+        >>> from mkd.networks import build
+        >>> net = build("t1", preset="tiny")
+        >>> with reconstruction(net, False):
+        ...     net.reconstruct
+        False
+        >>> net.reconstruct
+        True
+    """
+    had = getattr(network, "reconstruct", None)
+    if had is not None:
+        network.reconstruct = on
+    try:
+        yield network
+    finally:
+        if had is not None:
+            network.reconstruct = had
 
 
 def plain_config(value: Any) -> Any:
@@ -77,3 +103,29 @@ class MkdNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class MultiTaskForward:
+    """``forward`` / ``forward_tasks`` of the multi-task teachers (t1, t2): a shared encoder, two decoders.
+
+    The network provides ``encode(x) -> (skips, bottom)``, ``decoder`` and ``recon_decoder``
+    (each called as ``decoder(bottom, skips)``) and the ``reconstruct`` switch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits; also runs ``recon_decoder`` (read it with a recorder) when :attr:`reconstruct`."""
+        skips, bottom = self.encode(x)
+        seg = self.decoder(bottom, skips)
+        if self.reconstruct:
+            self.recon_decoder(bottom, skips)
+        return seg
+
+    def forward_tasks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"seg": logits, "recon": reconstruction}`` in one pass (ignores :attr:`reconstruct`).
+
+        A convenience for single-process use; under DistributedDataParallel call the
+        wrapped model and read ``recon`` with a :class:`~mkd.networks.FeatureRecorder`,
+        so that DDP's gradient hooks see the call.
+        """
+        skips, bottom = self.encode(x)
+        return {"seg": self.decoder(bottom, skips), "recon": self.recon_decoder(bottom, skips)}

@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UpSample
 from monai.networks.layers import Conv, Pool
-from monai.utils import optional_import
 from torch import nn
-
-_, HAS_EINOPS = optional_import("einops")
 
 __all__ = [
     "ConvBlock",
@@ -247,68 +244,14 @@ class ConvDecoder(nn.Module):
         return self.head(x)
 
 
-class _Attention(nn.Module):
-    """Multi-head self-attention with MONAI ``SABlock``'s parameter names (``qkv``, ``out_proj``)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout_rate: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout_rate = dropout_rate
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
-        self.drop_output = nn.Dropout(dropout_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, hidden = x.shape
-        # (N, L, 3 * heads * d) -> (3, N, heads, L, d), the layout of MONAI's "b h (qkv l d)"
-        q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, hidden // self.num_heads).permute(2, 0, 3, 1, 4)
-        drop = self.dropout_rate if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        return self.drop_output(self.out_proj(out.transpose(1, 2).reshape(n, length, hidden)))
-
-
-class _MLP(nn.Module):
-    """Linear-GELU-Linear with MONAI ``MLPBlock``'s parameter names (``linear1``, ``linear2``)."""
-
-    def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(hidden_size, mlp_dim)
-        self.linear2 = nn.Linear(mlp_dim, hidden_size)
-        self.fn = nn.GELU()
-        self.drop1 = nn.Dropout(dropout_rate)
-        self.drop2 = nn.Dropout(dropout_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.linear2(self.drop1(self.fn(self.linear1(x)))))
-
-
-class _TransformerBlock(nn.Module):
-    """Pre-norm ViT block with the parameter names of MONAI's ``TransformerBlock`` (used without einops)."""
-
-    def __init__(self, hidden_size: int, mlp_dim: int, num_heads: int, dropout_rate: float) -> None:
-        super().__init__()
-        self.mlp = _MLP(hidden_size, mlp_dim, dropout_rate)
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = _Attention(hidden_size, num_heads, dropout_rate)
-        self.norm2 = nn.LayerNorm(hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 def transformer_block(hidden_size: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0) -> nn.Module:
-    """A pre-norm ViT block: MONAI's :class:`~monai.networks.blocks.TransformerBlock` when ``einops`` is installed.
+    """A pre-norm ViT block: MONAI's :class:`~monai.networks.blocks.TransformerBlock`.
 
-    MONAI's self-attention needs the optional ``einops`` package; without it an
-    equivalent block with the same parameter names (so the same state dicts) is used.
-    MONAI's unused cross-attention LayerNorm is removed either way, so every parameter
-    receives a gradient (DDP needs no ``find_unused_parameters``).
+    MONAI's unused cross-attention LayerNorm is removed, so every parameter receives a
+    gradient (DDP needs no ``find_unused_parameters``).
     """
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-    if not HAS_EINOPS:
-        return _TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate)
     from monai.networks.blocks import TransformerBlock
 
     block = TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias=True, use_flash_attention=True)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 
-__all__ = ["ProjectorHeads", "match_spatial"]
+__all__ = ["ProjectorHeads", "match_spatial", "pool_spatial"]
 
 #: the projector head kinds (``kind``)
 KINDS = ("linear", "mlp")
@@ -251,3 +251,8 @@ class ProjectorHeads(nn.Module):
         s_emb = self.student_heads[scale](student_feat)
         t_emb = self.teacher_heads[scale](t) if self.project == "both" else t
         return s_emb, t_emb
+
+
+def pool_spatial(feature: torch.Tensor) -> torch.Tensor:
+    """Spatial mean of ``(B, C, *spatial)`` keeping the dims: ``(B, C, 1, ...)`` (image-level InfoNCE, the cache)."""
+    return feature.mean(dim=tuple(range(2, feature.ndim)), keepdim=True)

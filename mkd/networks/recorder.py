@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from mkd.networks.base import reconstruction
+
 __all__ = [
     "FeatureRecorder",
     "unwrap_model",
@@ -210,18 +212,14 @@ def feature_shapes(
     channels = int(in_channels if in_channels is not None else net.in_channels)
     meta_state = {k: torch.empty_like(v, device="meta") for k, v in net.state_dict(keep_vars=True).items()}
     x = torch.empty((1, channels, *size), device="meta")
-    had_reconstruct = getattr(net, "reconstruct", None)
     was_training = net.training
     try:
-        if had_reconstruct is not None:
-            net.reconstruct = True
         net.eval()
-        with FeatureRecorder(net, scales, detach=True) as rec, torch.no_grad(), rec.recording():
-            torch.func.functional_call(net, meta_state, (x,))
+        with reconstruction(net, True), FeatureRecorder(net, scales, detach=True) as rec, torch.no_grad():
+            with rec.recording():
+                torch.func.functional_call(net, meta_state, (x,))
             feats = rec.features
     finally:
-        if had_reconstruct is not None:
-            net.reconstruct = had_reconstruct
         net.train(was_training)
     return {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
 

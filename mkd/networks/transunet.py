@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from mkd.networks.base import MkdNetwork
+from mkd.networks.base import MkdNetwork, MultiTaskForward
 from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock, ViTBottleneck, ensure_tuple_dims
 
 __all__ = ["TransUNet"]
 
 
-class TransUNet(MkdNetwork):
+class TransUNet(MultiTaskForward, MkdNetwork):
     """Multi-task TransUNet: a hybrid CNN + ViT encoder shared by a segmentation and a reconstruction decoder.
 
     Encoder: a CNN stem of double-conv blocks (``features``, max pooling between
@@ -143,16 +142,3 @@ class TransUNet(MkdNetwork):
     def feature_scales(self) -> dict[str, str]:
         last = len(self.features) - 1
         return {"enc": f"encoder.{last}", "bn": "bottleneck", "dec": f"decoder.blocks.{last}", "recon": "recon_decoder"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits; also runs ``recon_decoder`` (read it with a recorder) when :attr:`reconstruct`."""
-        skips, bottom = self.encode(x)
-        seg = self.decoder(bottom, skips)
-        if self.reconstruct:
-            self.recon_decoder(bottom, skips)
-        return seg
-
-    def forward_tasks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"seg": logits, "recon": reconstruction}`` in one pass (see :meth:`MultiTaskUNet.forward_tasks`)."""
-        skips, bottom = self.encode(x)
-        return {"seg": self.decoder(bottom, skips), "recon": self.recon_decoder(bottom, skips)}

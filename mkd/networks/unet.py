@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mkd.networks.base import MkdNetwork
+from mkd.networks.base import MkdNetwork, MultiTaskForward
 from mkd.networks.blocks import ConvBlock, ConvDecoder, DownBlock
 
 __all__ = ["UNet", "MultiTaskUNet"]
@@ -104,7 +104,7 @@ class UNet(MkdNetwork):
         return self.decoder(bottom, skips)
 
 
-class MultiTaskUNet(UNet):
+class MultiTaskUNet(MultiTaskForward, UNet):
     """Multi-task U-Net teacher (``t1``): one shared encoder, a segmentation and a reconstruction decoder.
 
     Both decoders mirror the encoder (same widths, skip connections from the shared
@@ -152,21 +152,3 @@ class MultiTaskUNet(UNet):
     @property
     def feature_scales(self) -> dict[str, str]:
         return {**super().feature_scales, "recon": "recon_decoder"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits; also runs ``recon_decoder`` (read it with a recorder) when :attr:`reconstruct`."""
-        skips, bottom = self.encode(x)
-        seg = self.decoder(bottom, skips)
-        if self.reconstruct:
-            self.recon_decoder(bottom, skips)
-        return seg
-
-    def forward_tasks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"seg": logits, "recon": reconstruction}`` in one pass (ignores :attr:`reconstruct`).
-
-        A convenience for single-process use; under DistributedDataParallel call the
-        wrapped model and read ``recon`` with a :class:`~mkd.networks.FeatureRecorder`,
-        so that DDP's gradient hooks see the call.
-        """
-        skips, bottom = self.encode(x)
-        return {"seg": self.decoder(bottom, skips), "recon": self.recon_decoder(bottom, skips)}

@@ -46,6 +46,8 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile-bootstrap confidence interval of the mean of ``values`` (e.g. paired differences).
 
+    :func:`scipy.stats.bootstrap` with ``method="percentile"``.
+
     Args:
         values: the sample; non-finite values are dropped.
         confidence: coverage of the interval, in (0, 1).
@@ -67,10 +69,13 @@ def bootstrap_ci(
     v = v[np.isfinite(v)]
     if v.size == 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    if v.size == 1:
+        return (float(v[0]), float(v[0]))
+    from scipy.stats import bootstrap
+
+    res = bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    vectorized=True, rng=np.random.default_rng(seed))  # fmt: skip
+    low, high = res.confidence_interval
     # a constant sample gives a degenerate interval; keep it exactly at the value.
     low, high = min(float(low), float(v.mean())), max(float(high), float(v.mean()))
     return (low, high)

@@ -175,14 +175,3 @@ def test_config_rebuilds_the_same_network():
     again = build(net.network_name, **net.config)
     assert again.config == net.config
     assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in net.parameters()]
-
-
-def test_transformer_block_matches_monai():
-    pytest.importorskip("einops")
-    from mkd.networks import blocks
-
-    monai_block = blocks.transformer_block(32, 64, 4)
-    local = blocks._TransformerBlock(32, 64, 4, 0.0)
-    local.load_state_dict(monai_block.state_dict())
-    x = torch.rand(2, 5, 32)
-    torch.testing.assert_close(local.eval()(x), monai_block.eval()(x))
