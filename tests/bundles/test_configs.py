@@ -32,10 +32,10 @@ TRAIN_HANDLERS = {  # rank 0 (and a single process); the other ranks run the fir
     "distill": (["LrScheduleHandler", "ValidationHandler", "DistillationHandler", "TeacherCheck", *LOGGERS], 3),
 }
 VAL_SAVERS = ["StatsHandler", "TensorBoardStatsHandler", "AtomicCheckpointSaver"]
-VAL_HANDLERS = {
-    "teacher": (["ReconstructionOutputHandler", "EarlyStopHandler", *VAL_SAVERS], 2),
-    "student": (["EarlyStopHandler", *VAL_SAVERS], 1),
-    "distill": (["EarlyStopHandler", *VAL_SAVERS], 1),
+VAL_HANDLERS = {  # early stopping is attached in `run` (it needs the trainer), when early_stop_patience > 0
+    "teacher": (["ReconstructionOutputHandler", *VAL_SAVERS], 1),
+    "student": (VAL_SAVERS, 0),
+    "distill": (VAL_SAVERS, 0),
 }
 
 
@@ -130,3 +130,15 @@ def test_bundle_configs_lists_train_the_role_and_its_profile():
     assert [f.name for f in bundle_configs("distill", "thesis", ["multi_gpu_train"])] == [
         "train.json", "distill.json", "profile_thesis.json", "multi_gpu_train.json"]  # fmt: skip
     assert [f.name for f in bundle_configs("student", None)] == ["train.json", "student.json"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_early_stopping_is_attached_in_run_and_only_when_it_can_stop(role):
+    """Patience 0 (the default but the teacher's CPU profile): no handler, so `validate#evaluator` of a run's
+    config.json also runs on its own (an EarlyStopHandler without its trainer raises)."""
+    assert compose_config(bundle_configs(role, "thesis")).get_parsed_content("validate#early_stop") is None
+    stopper = compose_config(bundle_configs(role, "cpu"), {"early_stop_patience": 3})
+    assert stopper.get_parsed_content("validate#early_stop").patience == 3
+    for multi in ([], ["multi_gpu_train"]):
+        run = compose_config(bundle_configs(role, "cpu", multi))["run"]
+        assert sum("@validate#early_stop.attach(@validate#evaluator)" in r.replace("::", "#") for r in run) == 1
