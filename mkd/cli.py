@@ -16,7 +16,7 @@ import click
 
 from mkd import __version__
 from mkd.bundle import PROFILES, ROLES
-from mkd.errors import MkdError
+from mkd.errors import ExpressionError, MkdError
 
 __all__ = ["main", "cli"]
 
@@ -32,6 +32,19 @@ def _user_errors(func):
             raise click.ClickException(str(err)) from None
 
     return wrapper
+
+
+#: what the CLI adds to a refused expression: the way to run it on purpose
+_ALLOW_HINT = "pass --allow-expressions to run it as code on purpose (docs/security.md)"
+
+
+def allow_expressions_option(func):
+    return click.option(
+        "--allow-expressions",
+        is_flag=True,
+        help="Let --set / grid settings hold MONAI expressions ('$...', '@...', '%...') and _target_ mappings. "
+        "This runs code: use it only with settings you wrote yourself (docs/security.md).",
+    )(func)
 
 
 def seed_option(func):
@@ -339,6 +352,7 @@ def training_options(func):
             help="Processes for distributed data parallel training (torchrun; gloo on CPU, nccl on GPU).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        allow_expressions_option,
         seed_option,
     ]
     for option in reversed(options):
@@ -360,10 +374,11 @@ def _run_training(
     device,
     seed,
     overrides: dict,
+    allow_expressions: bool = False,
 ) -> dict:
     from pathlib import Path
 
-    from mkd.bundle import parse_overrides, run_bundle
+    from mkd.bundle import check_setting_values, parse_overrides, run_bundle
 
     output = Path(output_dir or f"runs/{bundle}-{arch}")
     if overwrite and resume:
@@ -371,7 +386,13 @@ def _run_training(
     overrides = {"arch": arch, **overrides}
     if epochs is not None:
         overrides["epochs"] = epochs
-    overrides.update(parse_overrides(sets))
+    user_sets = parse_overrides(sets)
+    if not allow_expressions:
+        try:
+            check_setting_values(user_sets, "--set")
+        except ExpressionError as err:
+            raise MkdError(f"{err}; {_ALLOW_HINT}") from None
+    overrides.update(user_sets)
     click.echo(f"mkd {bundle}: arch={arch} profile={profile} data={data_dir} output={output}")
     if resume:
         from mkd.bundle import resume_point
@@ -784,9 +805,10 @@ def demo(out, overwrite, teacher_epochs, student_epochs, seed):
 @click.option("--resume", is_flag=True,
               help="Continue half-trained runs from their last epoch checkpoint; default: restart them.")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@allow_expressions_option
 @_user_errors
 def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands, dry_run, seed_offset, resume,
-           device):  # fmt: skip
+           device, allow_expressions):  # fmt: skip
     """Run a grid of teachers, student baselines and distillation runs (see docs/ablate.md).
 
     Each run goes to RUNS/<run id> with its run.json, training output and test
@@ -801,15 +823,30 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
     """
     from pathlib import Path
 
-    from mkd.ablation import format_commands, load_grid, run_ablation, run_command, run_status
+    from mkd.ablation import (
+        MANY_RUNS,
+        format_commands,
+        load_grid,
+        run_ablation,
+        run_command,
+        run_status,
+        validate_grid,
+    )
 
-    spec = load_grid(grid, profile=profile, seed_offset=seed_offset)
+    try:
+        spec = load_grid(grid, profile=profile, seed_offset=seed_offset, allow_expressions=allow_expressions)
+    except ExpressionError as err:
+        raise MkdError(f"{err}; {_ALLOW_HINT}") from None
     runs = Path(runs_dir or f"runs/{Path(grid).stem}")
     data = Path(data_dir or spec.data or "mkd_data")
     dev = None if device == "auto" else device
     selected = [r for r in spec.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
     for run_id in only:
         spec[run_id]  # an unknown id is an error
+    validate_grid(spec, selected)  # unknown settings keys and wrong types, as a real run would find them
+    if len(spec.runs) > MANY_RUNS:
+        click.echo(f"warning: {grid} expands to {len(spec.runs)} runs ({len(spec.seeds)} seeds); check 'seeds' "
+                   f"before running it", err=True)  # fmt: skip
     status = run_status(spec, runs)
     if dry_run:
         counts = spec.count()
