@@ -694,6 +694,7 @@ def execute_run(
 def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, device, resume) -> str:
     from mkd.bundle import last_checkpoint, run_bundle
     from mkd.evaluation import evaluate_checkpoint
+    from mkd.ownership import mark_owner
     from mkd.utils import atomic_dir, write_json
 
     t0 = time.perf_counter()
@@ -709,9 +710,15 @@ def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, 
             resume_now = True
             logger.info("%s: resuming from %s", spec.id, last_checkpoint(run_dir / "models"))
         else:
+            from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run
+
+            # a folder of this name that no run wrote (a user's files) is reported, not deleted
+            check_replaceable(run_dir, RUN_COMMANDS, option="--runs", keep={"dataset": data_dir}, legacy=legacy_run,
+                              by="mkd ablate")  # fmt: skip
             logger.info("%s: removing a half-finished run folder and starting over", spec.id)
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark_owner(run_dir, spec.kind)
     write_json(run_dir / "run.json", spec.run_json())
     if train:
         run_bundle(
@@ -851,6 +858,7 @@ def run_ablation(
         return result
     from mkd.bundle import check_datalist
 
+    validate_grid(grid, pending)
     check_datalist(data_dir, ["training", "validation", "test"])
     runs_dir.mkdir(parents=True, exist_ok=True)
     if jobs == 1:

@@ -26,6 +26,7 @@ from typing import Any
 
 from mkd.errors import ExpressionError, InputError, MkdError
 from mkd.locks import ensure_lock, hold_lock, release_own_lock
+from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run, mark_owner, owner_of
 from mkd.utils import write_json
 
 __all__ = [
@@ -386,7 +387,9 @@ def run_bundle(
         extra_configs: further bundle config names merged after the profile.
         seed: random seed.
         device: ``cpu``, ``cuda``, ``cuda:1`` ... or ``None`` for automatic.
-        overwrite: delete an earlier run in ``output_dir`` first (once the lock is held).
+        overwrite: delete an earlier run in ``output_dir`` first (once the lock is held). Only a
+            folder that a training run wrote (its ``.mkd-owner.json``, :mod:`mkd.ownership`) or an
+            empty one is replaced; never the current folder, the dataset or a folder above them.
 
     Returns:
         dict with ``output_dir``, ``checkpoint`` (best on validation), ``best_epoch``,
@@ -407,6 +410,8 @@ def run_bundle(
         raise MkdError(f"--nproc must be >= 1, got {nproc}")
     if overwrite and resume:
         raise MkdError("--overwrite and --resume exclude each other")
+    if overwrite:  # replace only a training run (or an empty folder), never the data or the current folder
+        check_replaceable(output_dir, RUN_COMMANDS, keep={"dataset": dataset_dir}, legacy=legacy_run)
     extra = list(extra_configs) + (["multi_gpu_train"] if nproc > 1 else [])
     files = bundle_configs(name, profile, extra)
     settings: dict[str, Any] = {
@@ -429,6 +434,8 @@ def run_bundle(
             if overwrite:
                 _remove(e for e in output_dir.iterdir() if e.name != RUN_LOCK)
             before = {e.name for e in output_dir.iterdir()}
+            if owner_of(output_dir) not in RUN_COMMANDS:
+                mark_owner(output_dir, name)  # what --overwrite may replace later
             saved = _epoch_checkpoints(ckpt_dir)
             try:
                 return _run_locked(name, parser, files, output_dir, dataset_dir, ckpt_dir, resume, nproc)

@@ -161,6 +161,10 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
     from mkd.data.prepare import check_output_dir
 
     check_output_dir(out, overwrite)
+    if overwrite:  # a prepared dataset (prepare.json) or an empty folder; never the current folder or one above it
+        from mkd.ownership import check_replaceable
+
+        check_replaceable(out, ("prepare",), option="--out", legacy=lambda p: (p / "prepare.json").is_file())
     from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE
 
     source_info: dict = {}
@@ -936,6 +940,22 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
 # --- infer / export (mkd.inference, mkd.export) ---
 
 
+def _check_mask_replaceable(path) -> None:
+    """``--overwrite`` replaces a mask (a uint8 NIfTI, what infer writes), never a CT or another file."""
+    import nibabel as nib
+
+    from mkd.errors import InputError
+
+    try:
+        dtype = nib.load(str(path)).get_data_dtype()
+    except Exception:  # noqa: BLE001 - unreadable: not a mask infer wrote
+        dtype = None
+    if dtype is None or dtype.kind != "u" or dtype.itemsize != 1:
+        what = f"a {dtype} NIfTI (a CT?)" if dtype is not None else "not a NIfTI mask"
+        raise InputError(path, f"is {what}, not a uint8 mask written by mkd infer; --overwrite replaces only masks: "
+                         "give --output another name")  # fmt: skip
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(),
@@ -1006,9 +1026,26 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
     if batch and preview:
         raise click.UsageError("--preview/--png takes one volume; a folder --input writes many masks")
     if batch:
-        check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
-    elif output.exists() and not overwrite:
-        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        volumes = check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
+        for existing in (output / v.name for v in volumes) if overwrite else ():
+            if existing.exists():
+                _check_mask_replaceable(existing)
+    else:
+        from mkd.errors import InputError
+        from mkd.inference import NIFTI_SUFFIXES, _is_nifti
+
+        # what --overwrite could never fix is said first: the input itself, or a file infer does not write
+        if Path(input_path).exists() and output.exists() and output.resolve() == Path(input_path).resolve():
+            raise InputError(output, "is the --input volume; the mask would replace the CT: give --output another "
+                             "file name")  # fmt: skip
+        if not _is_nifti(output):
+            raise InputError(output, f"output must be a NIfTI file ending in {' or '.join(NIFTI_SUFFIXES)}")
+        if output.is_dir():
+            raise InputError(output, "is a folder; expected an output file name")
+        if output.exists() and not overwrite:
+            raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        if output.exists():
+            _check_mask_replaceable(output)
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,
