@@ -35,7 +35,7 @@ from typing import Any
 
 from mkd.bundle import BUNDLES
 from mkd.bundle import PROFILES as BUNDLE_PROFILES
-from mkd.errors import ExpressionError, InputError, MkdError
+from mkd.errors import ExpressionError, InputError, LockedError, MkdError
 
 __all__ = [
     "KINDS",
@@ -587,14 +587,17 @@ def _check_identity(spec: RunSpec, run_dir: Path) -> None:
 def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
     """``{run id: "done" | "running" | "pending" | "waiting"}``.
 
-    running = some process holds the run's lock; waiting = pending and its teacher is not done yet.
+    running = another live process holds the run's lock (a lock left by an exited process on this
+    host does not count); waiting = pending and its teacher is not done yet.
     """
+    from mkd.locks import held_elsewhere
+
     runs_dir = Path(runs_dir)
     out = {}
     for r in grid.runs:
         if is_done(runs_dir / r.id):
             out[r.id] = "done"
-        elif (runs_dir / f"{r.id}.lock").exists():
+        elif held_elsewhere(runs_dir / f"{r.id}.lock") is not None:  # a lock left by a dead process is not
             out[r.id] = "running"
         elif r.depends_on and not is_done(runs_dir / r.depends_on):
             out[r.id] = "waiting"
@@ -773,8 +776,9 @@ class AblationResult:
         done: runs that were finished before this call (skipped).
         ran: runs trained and evaluated by this call.
         failed: ``{run id: error message}``.
-        blocked: runs not started because their teacher failed.
+        blocked: runs not started because their teacher failed or is running elsewhere.
         pending: runs that were not done when the call started.
+        elsewhere: runs skipped because another process (a parallel ``mkd ablate``) holds their lock.
     """
 
     planned: list[str] = field(default_factory=list)
@@ -783,6 +787,7 @@ class AblationResult:
     failed: dict[str, str] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -870,7 +875,25 @@ def run_ablation(
 
 
 def _blocked(spec: RunSpec, result: AblationResult) -> bool:
-    return spec.depends_on is not None and (spec.depends_on in result.failed or spec.depends_on in result.blocked)
+    return spec.depends_on is not None and (
+        spec.depends_on in result.failed or spec.depends_on in result.blocked or spec.depends_on in result.elsewhere
+    )
+
+
+def _why_blocked(spec: RunSpec, result: AblationResult) -> str:
+    if spec.depends_on in result.elsewhere:
+        return f"skipped, teacher {spec.depends_on} is running elsewhere; run the same command again once it is done"
+    return f"skipped, teacher {spec.depends_on} failed"
+
+
+def _elsewhere(runs_dir: Path, run_id: str) -> str | None:
+    """``"pid P on HOST since T"`` when another live process holds the run's lock, else ``None``."""
+    from mkd.locks import held_elsewhere
+
+    owner = held_elsewhere(runs_dir / f"{run_id}.lock")
+    if owner is None:
+        return None
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
 
 
 def _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, say) -> None:
@@ -878,12 +901,17 @@ def _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, s
     for i, spec in enumerate(pending, 1):
         if _blocked(spec, result):
             result.blocked.append(spec.id)
-            say(f"[{i}/{n}] {spec.id}: skipped, teacher {spec.depends_on} failed")
+            say(f"[{i}/{n}] {spec.id}: {_why_blocked(spec, result)}")
             continue
         say(f"[{i}/{n}] {spec.id} ({spec.method}, seed {spec.seed}) ...")
         t = time.perf_counter()
         try:
             execute_run(spec, runs_dir, data_dir, device=device, resume=resume)
+        except LockedError as err:  # a parallel mkd ablate (or a cluster job) is training it: not a failure
+            result.elsewhere.append(spec.id)
+            who = _elsewhere(runs_dir, spec.id) or str(err)
+            say(f"[{i}/{n}] {spec.id}: running elsewhere ({who}); skipped")
+            continue
         except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
             result.failed[spec.id] = f"{type(err).__name__}: {err}"
             say(f"[{i}/{n}] {spec.id}: FAILED: {err}")
@@ -908,11 +936,16 @@ def _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, resul
             if _blocked(spec, result):
                 queue.remove(spec)
                 result.blocked.append(spec.id)
-                say(f"{spec.id}: skipped, teacher {spec.depends_on} failed")
+                say(f"{spec.id}: {_why_blocked(spec, result)}")
                 continue
             if spec.depends_on and not is_done(runs_dir / spec.depends_on):
                 continue  # its teacher is still queued or running
             queue.remove(spec)
+            who = _elsewhere(runs_dir, spec.id)
+            if who is not None:
+                result.elsewhere.append(spec.id)
+                say(f"{spec.id}: running elsewhere ({who}); skipped")
+                continue
             cmd = run_command(grid, spec.id, runs_dir, data_dir, device, resume, program=(sys.executable, "-m", "mkd"))
             log = open(logs / f"{spec.id}.log", "w")  # noqa: SIM115 - closed when the worker ends
             running[spec.id] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
@@ -932,6 +965,9 @@ def _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, resul
             if proc.returncode == 0 and is_done(runs_dir / run_id):
                 result.ran.append(run_id)
                 say(f"{run_id}: done in {time.perf_counter() - t:.0f} s")
+            elif proc.returncode == 0 and _elsewhere(runs_dir, run_id) is not None:
+                result.elsewhere.append(run_id)  # taken by another process between our check and the worker's
+                say(f"{run_id}: running elsewhere ({_elsewhere(runs_dir, run_id)}); skipped")
             else:
                 tail = (logs / f"{run_id}.log").read_text(errors="replace").strip().splitlines()[-1:]
                 result.failed[run_id] = f"exit {proc.returncode}: {tail[0] if tail else ''}"

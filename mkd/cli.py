@@ -877,13 +877,17 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
         return
     result = run_ablation(spec, runs, data, jobs=jobs, only=only, kinds=kinds or None, device=dev, resume=resume,
                           progress=click.echo)  # fmt: skip
+    elsewhere = f", {len(result.elsewhere)} running elsewhere" if result.elsewhere else ""
     click.echo(f"ablate: {len(result.ran)} ran, {len(result.done)} already done, {len(result.failed)} failed, "
-               f"{len(result.blocked)} blocked ({result.seconds:.0f} s); runs folder {runs}")  # fmt: skip
+               f"{len(result.blocked)} blocked{elsewhere} ({result.seconds:.0f} s); runs folder {runs}")  # fmt: skip
     if result.failed:
         for run_id, err in result.failed.items():
             click.echo(f"  failed: {run_id}: {err}", err=True)
         raise MkdError(f"{len(result.failed)} run(s) failed; fix and run the same command again to redo them")
-    if not only:
+    if result.elsewhere:
+        click.echo(f"{len(result.elsewhere)} run(s) are being trained by another process; run the same command "
+                   "again once they are done")  # fmt: skip
+    elif not only:
         click.echo(f"next: mkd report {runs}")
 
 

@@ -117,8 +117,8 @@ def run_demo(
         f"train and evaluate {len(grid.runs)} runs: " + ", ".join(r.id for r in grid.runs),
         lambda: run_ablation(grid, runs, data, progress=lambda msg: echo(f"        {msg}")),
     )
-    if result.failed or result.blocked:
-        raise MkdError(f"demo runs failed: {result.failed or result.blocked}; see {runs}")
+    if result.failed or result.blocked or result.elsewhere:
+        raise MkdError(f"demo runs failed: {result.failed or result.blocked or result.elsewhere}; see {runs}")
     report = step("report: tables and figures", lambda: build_report(runs))
     seconds = round(time.perf_counter() - t_start, 1)
     write_json(out / "demo.json", {"seconds": seconds, "steps": steps, "seed": seed, "grid": grid_config})

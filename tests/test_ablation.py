@@ -365,3 +365,39 @@ def test_dry_run_checks_settings_against_the_bundle_and_warns_for_absurd_seed_co
     assert f"warning: {many} expands to 2401 runs (1200 seeds); check 'seeds' before running it" in res.stderr
     res = CliRunner().invoke(cli, ["ablate", str(_write_grid(tmp_path, SMALL)), *args])
     assert res.exit_code == 0 and "warning" not in res.output
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_runs_held_by_a_parallel_ablate_are_running_elsewhere_not_failed(tmp_path, jobs):
+    import os
+    import socket
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.npy").write_bytes(b"")
+    item = {"image": "a.npy", "label": "a.npy"}
+    (data / "datalist.json").write_text(json.dumps({"training": [item], "validation": [item], "test": [item]}))
+    grid_file = _write_grid(tmp_path, {"teachers": ["t1"], "students": ["s1"], "distill": [{"scales": "bn"}]})
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "started": "09:00"}  # a live process
+    for run_id in ("teacher-t1-seed0", "student-s1-f0.5-seed0"):
+        (runs / f"{run_id}.lock").write_text(json.dumps(other))
+    args = ["ablate", str(grid_file), "--runs", str(runs), "--data", str(data)]
+    res = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert "running  teacher-t1-seed0" in res.output and "running  student-s1-f0.5-seed0" in res.output
+    res = CliRunner().invoke(cli, [*args, "--jobs", jobs])
+    assert res.exit_code == 0, res.output
+    prefix = "[1/3] " if jobs == "1" else ""
+    who = f"pid {os.getppid()} on {socket.gethostname()} since 09:00"
+    assert f"{prefix}teacher-t1-seed0: running elsewhere ({who}); skipped" in res.output
+    blocked = ("distill-s1-t1-bn-contrastive-f0.5-seed0: skipped, teacher teacher-t1-seed0 is running elsewhere; "
+               "run the same command again once it is done")  # fmt: skip
+    assert blocked in res.output
+    assert "ablate: 0 ran, 0 already done, 0 failed, 1 blocked, 2 running elsewhere" in res.output
+    assert "FAILED" not in res.output and "run(s) are being trained by another process" in res.output
+    kept = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))  # (.logs of --jobs 2)
+    assert kept == ["student-s1-f0.5-seed0.lock", "teacher-t1-seed0.lock"]
+    # a lock left by an exited process is not "running": the run is pending and would be taken over
+    (runs / "teacher-t1-seed0.lock").write_text(json.dumps({**other, "pid": 2**22 + 12345}))
+    assert run_status(load_grid(grid_file), runs)["teacher-t1-seed0"] == "pending"
