@@ -685,6 +685,26 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+#: the files mkd evaluate writes into its --output folder
+_EVALUATION_FILES = ("summary.json", "per_volume.csv", "per_slice.csv")
+
+
+def _check_evaluation_output(out) -> None:
+    """Evaluate rewrites its three files in --output; refuse when they exist and are not an earlier evaluation's."""
+    import json
+
+    existing = [out / name for name in _EVALUATION_FILES if (out / name).exists()]
+    if not existing:
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not (isinstance(summary, dict) and "pooled" in summary and "per_volume" in summary):
+        raise MkdError(f"{existing[0]}: exists and is not from mkd evaluate; evaluate writes "
+                       f"{', '.join(_EVALUATION_FILES)} into --output: give it a new folder")  # fmt: skip
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option(
@@ -717,6 +737,7 @@ def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
     seed_everything(seed)
     ckpt = Path(checkpoint)
     out = Path(output_dir) if output_dir else ckpt.resolve().parent.parent / "eval" / split
+    _check_evaluation_output(out)
     result = evaluate_checkpoint(ckpt, data_dir, split=split, batch_size=batch_size, device=device, progress=True)
     paths = result.write(out)
     s = result.summary

@@ -221,3 +221,20 @@ def test_ablate_does_not_delete_a_run_folder_it_did_not_write(tmp_path):
         "its files away yourself"
     )
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_evaluate_does_not_rewrite_files_it_did_not_write(tmp_path):
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "summary.json").write_text('{"abstract": "mine"}')
+    res = _invoke("evaluate", tmp_path / "model.pt", "--data", tmp_path / "data", "--output", out)
+    assert res.exit_code == 1
+    assert res.output.strip() == (
+        f"Error: {out / 'summary.json'}: exists and is not from mkd evaluate; evaluate writes summary.json, "
+        "per_volume.csv, per_slice.csv into --output: give it a new folder"
+    )
+    assert (out / "summary.json").read_text() == '{"abstract": "mine"}'
+    # an earlier evaluation is rewritten (the checkpoint is read next: here it is missing)
+    (out / "summary.json").write_text('{"pooled": {}, "per_volume": {}}')
+    res = _invoke("evaluate", tmp_path / "model.pt", "--data", tmp_path / "data", "--output", out)
+    assert res.exit_code == 1 and "exists and is not from mkd evaluate" not in res.output
