@@ -697,7 +697,7 @@ def execute_run(
 def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, device, resume) -> str:
     from mkd.bundle import last_checkpoint, run_bundle
     from mkd.evaluation import evaluate_checkpoint
-    from mkd.ownership import mark_owner
+    from mkd.ownership import mark_owner, owner_of
     from mkd.utils import atomic_dir, write_json
 
     t0 = time.perf_counter()
@@ -721,7 +721,8 @@ def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, 
             logger.info("%s: removing a half-finished run folder and starting over", spec.id)
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    mark_owner(run_dir, spec.kind)
+    if owner_of(run_dir) is None:
+        mark_owner(run_dir, spec.kind)  # what a later restart or --overwrite may replace
     write_json(run_dir / "run.json", spec.run_json())
     if train:
         run_bundle(

@@ -945,7 +945,8 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
     if grid_file is not None:
         from mkd.ablation import load_grid
 
-        only = [r.id for r in load_grid(grid_file).runs]
+        # the report reads run ids only and runs none of the settings: a grid run with --allow-expressions is fine
+        only = [r.id for r in load_grid(grid_file, allow_expressions=True).runs]
     result = build_report(runs_dir, output_dir, baseline=baseline, figures=figures, qualitative=qualitative,
                           n_slices=n_slices, data_dir=data_dir, device=device, seed=seed, only=only)  # fmt: skip
     click.echo(result.markdown)
