@@ -1072,6 +1072,17 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
             raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
         if output.exists():
             _check_mask_replaceable(output)
+    if preview:  # a PNG, written over an earlier preview only (it was written over any file, the CT included)
+        from mkd.errors import InputError
+
+        png = Path(preview)
+        if png.suffix.lower() != ".png":
+            raise InputError(png, "--preview/--png must be a file name ending in .png")
+        if png.exists() and not overwrite:
+            raise MkdError(f"{png}: preview already exists; pass --overwrite to replace it")
+        if png.exists() and (not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+            raise InputError(png, "is not a PNG image; --overwrite replaces only an earlier preview: give --preview "
+                             "another name")  # fmt: skip
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,

@@ -238,3 +238,23 @@ def test_evaluate_does_not_rewrite_files_it_did_not_write(tmp_path):
     (out / "summary.json").write_text('{"pooled": {}, "per_volume": {}}')
     res = _invoke("evaluate", tmp_path / "model.pt", "--data", tmp_path / "data", "--output", out)
     assert res.exit_code == 1 and "exists and is not from mkd evaluate" not in res.output
+
+
+def test_infer_preview_never_replaces_a_volume_or_another_file(tmp_path):
+    ct = write_nifti(tmp_path / "ct.nii.gz", np.zeros((8, 8, 4), np.int16))
+    before = ct.read_bytes()
+    args = ["infer", tmp_path / "model.pt", "--input", ct, "--output", tmp_path / "mask.nii.gz"]
+    res = _invoke(*args, "--png", ct, "--overwrite")
+    assert (
+        res.exit_code == 1 and res.output.strip() == f"Error: {ct}: --preview/--png must be a file name ending in .png"
+    )
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(b"my own figure, not a PNG")
+    res = _invoke(*args, "--png", figure)
+    assert res.output.strip() == f"Error: {figure}: preview already exists; pass --overwrite to replace it"
+    res = _invoke(*args, "--png", figure, "--overwrite")
+    assert res.output.strip() == (
+        f"Error: {figure}: is not a PNG image; --overwrite replaces only an earlier preview: give --preview "
+        "another name"
+    )
+    assert ct.read_bytes() == before and figure.read_bytes() == b"my own figure, not a PNG"
