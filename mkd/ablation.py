@@ -597,7 +597,7 @@ def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
     for r in grid.runs:
         if is_done(runs_dir / r.id):
             out[r.id] = "done"
-        elif held_elsewhere(runs_dir / f"{r.id}.lock") is not None:  # a lock left by a dead process is not
+        elif held_elsewhere(runs_dir / f"{r.id}.lock") is not None:  # not a lock left by an exited process
             out[r.id] = "running"
         elif r.depends_on and not is_done(runs_dir / r.depends_on):
             out[r.id] = "waiting"

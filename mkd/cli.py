@@ -1058,13 +1058,13 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
                 _check_mask_replaceable(existing)
     else:
         from mkd.errors import InputError
-        from mkd.inference import NIFTI_SUFFIXES, _is_nifti
+        from mkd.inference import NIFTI_SUFFIXES
 
         # what --overwrite could never fix is said first: the input itself, or a file infer does not write
         if Path(input_path).exists() and output.exists() and output.resolve() == Path(input_path).resolve():
             raise InputError(output, "is the --input volume; the mask would replace the CT: give --output another "
                              "file name")  # fmt: skip
-        if not _is_nifti(output):
+        if not output.name.lower().endswith(NIFTI_SUFFIXES):
             raise InputError(output, f"output must be a NIfTI file ending in {' or '.join(NIFTI_SUFFIXES)}")
         if output.is_dir():
             raise InputError(output, "is a folder; expected an output file name")
