@@ -882,6 +882,13 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
             click.echo(f"{status[r.id]:8} {r.id:{width}}  {r.method}")
         pending = sum(status[r.id] != "done" for r in selected)
         click.echo(f"{len(selected)} runs: {len(selected) - pending} done, {pending} pending (runs folder {runs})")
+        if pending:
+            from mkd.bundle import check_datalist
+
+            try:
+                check_datalist(data, ["training", "validation", "test"])
+            except MkdError as err:  # what a real run would stop at
+                click.echo(f"warning: a real run would stop here: {err}", err=True)
         return
     if print_commands:
         pending = [r for r in selected if status[r.id] != "done"]

@@ -364,7 +364,11 @@ def test_dry_run_checks_settings_against_the_bundle_and_warns_for_absurd_seed_co
     assert res.exit_code == 0, res.output
     assert f"warning: {many} expands to 2401 runs (1200 seeds); check 'seeds' before running it" in res.stderr
     res = CliRunner().invoke(cli, ["ablate", str(_write_grid(tmp_path, SMALL)), *args])
-    assert res.exit_code == 0 and "warning" not in res.output
+    assert res.exit_code == 0 and "expands to" not in res.output
+    data = tmp_path / "data" / "datalist.json"
+    assert res.stderr.strip() == (
+        f"warning: a real run would stop here: {data}: datalist not found; run `mkd prepare` first (or pass --data)"
+    )
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
