@@ -35,7 +35,7 @@ from typing import Any
 
 from mkd.bundle import BUNDLES
 from mkd.bundle import PROFILES as BUNDLE_PROFILES
-from mkd.errors import InputError, MkdError
+from mkd.errors import ExpressionError, InputError, LockedError, MkdError
 
 __all__ = [
     "KINDS",
@@ -51,6 +51,9 @@ __all__ = [
     "run_command",
     "run_lock",
     "format_commands",
+    "validate_grid",
+    "GRID_MAX_BYTES",
+    "MANY_RUNS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
 #: ``mkd prepare --student-fraction``), 1.0 all training patients.
 FRACTIONS = {0.5: "student", 1.0: "training"}
 PROFILES = BUNDLE_PROFILES
+#: the largest grid file read (a grid is a page of YAML; this stops a file built to exhaust memory)
+GRID_MAX_BYTES = 1 << 20
+#: more runs than this in one grid is most likely a typo in ``seeds``; ``mkd ablate`` warns
+MANY_RUNS = 1000
 
 _TOP_KEYS = {
     "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
@@ -193,6 +200,7 @@ class Grid:
     data: str | None = None
     path: Path | None = None
     seed_offset: int = 0
+    allow_expressions: bool = False
 
     def __post_init__(self) -> None:
         self._by_id = {r.id: r for r in self.runs}
@@ -255,16 +263,20 @@ def _scale_set(value: Any, where: str) -> tuple[str, ...]:
     return tuple(s for s in SCALE_ORDER if s in names)
 
 
-def _settings(value: Any, where: str) -> dict[str, Any]:
+def _settings(value: Any, where: str, allow_expressions: bool = False) -> dict[str, Any]:
     out = _check_keys(where, value, set(value or {}))
     reserved = sorted(set(out) & _RESERVED)
     if reserved:
         raise MkdError(f"{where}: {', '.join(reserved)} set by the grid itself (teacher, students, scales, ...); "
                        "remove them from settings")  # fmt: skip
+    if not allow_expressions:
+        from mkd.bundle import check_setting_values
+
+        check_setting_values(out, where)
     return out
 
 
-def _named(value: Any, where: str, kind: str) -> dict[str, dict[str, Any]]:
+def _named(value: Any, where: str, kind: str, allow_expressions: bool = False) -> dict[str, dict[str, Any]]:
     """``[t1, t2]`` or ``{t1: {arch: t1, settings: {...}}}`` -> ``{key: {"arch", "settings"}}``."""
     from mkd.networks import STUDENTS, TEACHERS
 
@@ -280,7 +292,8 @@ def _named(value: Any, where: str, kind: str) -> dict[str, dict[str, Any]]:
             raise MkdError(f"{where}.{key}: arch {arch!r} is not a {kind}; {kind}s: {', '.join(allowed)}")
         if not key.replace("_", "").isalnum():
             raise MkdError(f"{where}: name {key!r} must be letters, digits and '_' (it goes into run ids)")
-        out[key] = {"arch": arch, "settings": _settings(entry.get("settings"), f"{where}.{key}.settings")}
+        settings = _settings(entry.get("settings"), f"{where}.{key}.settings", allow_expressions)
+        out[key] = {"arch": arch, "settings": settings}
     return out
 
 
@@ -304,31 +317,63 @@ def load_grid(
     path: str | os.PathLike,
     profile: str | None = None,
     seed_offset: int = 0,
+    allow_expressions: bool = False,
 ) -> Grid:
     """Read a grid YAML file and expand it (see :func:`expand_grid` and ``docs/ablate.md``).
 
-    Raises:
-        InputError: missing or unparsable file.
-        MkdError: an invalid grid.
-    """
-    import yaml
+    A grid is data: the file may be at most :data:`GRID_MAX_BYTES`, YAML anchors and aliases
+    (``&a`` / ``*a``, which let a few lines expand into gigabytes) are refused, and its
+    settings take plain values unless ``allow_expressions`` (see :func:`expand_grid`).
 
+    Raises:
+        InputError: missing, too large or unparsable file, an anchor or alias, an invalid grid.
+        ExpressionError: a setting MONAI would run as code (the message starts with the file).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "grid file not found")
+    size = path.stat().st_size
+    if size > GRID_MAX_BYTES:
+        raise InputError(path, f"grid file of {size} bytes; a grid may be at most {GRID_MAX_BYTES} bytes")
+    config = _read_grid_yaml(path)
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(path, f"not valid YAML ({err})") from None
-    try:
-        grid = expand_grid(config or {}, profile=profile, seed_offset=seed_offset)
+        grid = expand_grid(config or {}, profile=profile, seed_offset=seed_offset,
+                           allow_expressions=allow_expressions)  # fmt: skip
+    except ExpressionError as err:
+        raise ExpressionError(f"{path}: {err}") from None
     except MkdError as err:
         raise InputError(path, str(err)) from None
     grid.path = path.resolve()
     return grid
 
 
-def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offset: int = 0) -> Grid:
+def _read_grid_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a grid file, refusing anchors and aliases (one line naming the file and line)."""
+    import yaml
+
+    class GridLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
+                raise InputError(path, f"line {event.start_mark.line + 1}: YAML {kind} "
+                                 f"'{'*' if kind == 'alias' else '&'}{event.anchor}'; a grid is plain data, "
+                                 "write the values out")  # fmt: skip
+            return super().compose_node(parent, index)
+
+    try:
+        text = path.read_bytes()[: GRID_MAX_BYTES + 1].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        return yaml.load(text, Loader=GridLoader)  # noqa: S506 - a SafeLoader without anchors and aliases
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def expand_grid(
+    config: Mapping[str, Any], profile: str | None = None, seed_offset: int = 0, allow_expressions: bool = False
+) -> Grid:
     """Expand a grid mapping into its runs, in dependency order.
 
     Teachers: one run per teacher, trained with ``teacher_seed`` (default 0) and shared by
@@ -342,9 +387,12 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         profile: override of the grid's ``profile``.
         seed_offset: added to every seed (and to ``teacher_seed: each`` teachers), to run
             further seeds of the same grid.
+        allow_expressions: let ``settings`` hold MONAI expressions and ``_target_`` mappings
+            (:func:`mkd.bundle.check_setting_values`); this runs code.
 
     Raises:
         MkdError: unknown keys, unknown networks or scales, duplicate ids with different settings.
+        ExpressionError: a setting MONAI would run as code, without ``allow_expressions``.
     """
     config = _check_keys("grid", config, _TOP_KEYS)
     profile = str(profile or config.get("profile", "cpu"))
@@ -358,9 +406,9 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         raise MkdError(f"teacher_seed must be an integer or 'each', got {teacher_seed!r}")
     fractions = [_fraction(f, "data_fractions") for f in _as_list(config.get("data_fractions", [0.5]))]
     settings = _check_keys("settings", config.get("settings"), _SETTINGS_KEYS)
-    common = {k: _settings(settings.get(k), f"settings.{k}") for k in _SETTINGS_KEYS}
-    teachers = _named(config.get("teachers"), "teachers", "teacher")
-    students = _named(config.get("students"), "students", "student")
+    common = {k: _settings(settings.get(k), f"settings.{k}", allow_expressions) for k in sorted(_SETTINGS_KEYS)}
+    teachers = _named(config.get("teachers"), "teachers", "teacher", allow_expressions)
+    students = _named(config.get("students"), "students", "student", allow_expressions)
     blocks = config.get("distill") or []
     default_recipe = config.get("recipe")
     from mkd.handlers.distillation import RECIPES
@@ -449,7 +497,7 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         if bad:
             raise MkdError(f"{where}: recipe {bad[0]!r} is not one of {', '.join(sorted(RECIPES))}")
         weights = _check_keys(f"{where}.weights", block.get("weights"), set(block.get("weights") or {}))
-        extra = _settings(block.get("settings"), f"{where}.settings")
+        extra = _settings(block.get("settings"), f"{where}.settings", allow_expressions)
         tag = _tag(block)
         product = itertools.product(t_keys, s_keys, scale_sets, pmd_list, loss_list, mode_list, frac_list,
                                     recipe_list, transfer_list, seeds)  # fmt: skip
@@ -495,7 +543,7 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
     ordered = [r for k in ("teacher", "student") for r in runs.values() if r.kind == k] + distill_runs
     data = config.get("data")
     return Grid(ordered, profile=profile, seeds=seeds, data=None if data is None else str(data),
-                seed_offset=int(seed_offset))  # fmt: skip
+                seed_offset=int(seed_offset), allow_expressions=allow_expressions)  # fmt: skip
 
 
 # --- state of a runs folder -------------------------------------------------------------
@@ -539,20 +587,49 @@ def _check_identity(spec: RunSpec, run_dir: Path) -> None:
 def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
     """``{run id: "done" | "running" | "pending" | "waiting"}``.
 
-    running = some process holds the run's lock; waiting = pending and its teacher is not done yet.
+    running = another live process holds the run's lock (a lock left by an exited process on this
+    host does not count); waiting = pending and its teacher is not done yet.
     """
+    from mkd.locks import held_elsewhere
+
     runs_dir = Path(runs_dir)
     out = {}
     for r in grid.runs:
         if is_done(runs_dir / r.id):
             out[r.id] = "done"
-        elif (runs_dir / f"{r.id}.lock").exists():
+        elif held_elsewhere(runs_dir / f"{r.id}.lock") is not None:  # not a lock left by an exited process
             out[r.id] = "running"
         elif r.depends_on and not is_done(runs_dir / r.depends_on):
             out[r.id] = "waiting"
         else:
             out[r.id] = "pending"
     return out
+
+
+def validate_grid(grid: Grid, runs: Iterable[RunSpec] | None = None) -> None:
+    """Check every run's settings against its bundle as a real run would, without running anything.
+
+    Each distinct (kind, profile, settings) is composed with :func:`mkd.bundle.compose_config`:
+    an unknown key is named with the bundle's top-level keys, a value of the wrong type (an
+    integer setting given a string) is refused as ``--set`` refuses it. ``mkd ablate
+    --dry-run`` and a real ``mkd ablate`` call this before anything runs.
+
+    Raises:
+        MkdError: ``run ID: ...``, naming the first bad run and setting.
+    """
+    from mkd.bundle import bundle_configs, compose_config
+
+    seen: set[str] = set()
+    for r in grid.runs if runs is None else runs:
+        sig = json.dumps([r.kind, r.profile, r.settings], sort_keys=True, default=str)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        try:
+            compose_config(bundle_configs(r.kind, r.profile), r.settings, label="setting")
+        except MkdError as err:
+            where = f"{grid.path}: " if grid.path is not None else ""
+            raise MkdError(f"{where}run {r.id}: {err}") from None
 
 
 # --- running ----------------------------------------------------------------------------
@@ -620,6 +697,7 @@ def execute_run(
 def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, device, resume) -> str:
     from mkd.bundle import last_checkpoint, run_bundle
     from mkd.evaluation import evaluate_checkpoint
+    from mkd.ownership import mark_owner, owner_of
     from mkd.utils import atomic_dir, write_json
 
     t0 = time.perf_counter()
@@ -635,9 +713,16 @@ def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, 
             resume_now = True
             logger.info("%s: resuming from %s", spec.id, last_checkpoint(run_dir / "models"))
         else:
+            from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run
+
+            # a folder of this name that no run wrote (a user's files) is reported, not deleted
+            check_replaceable(run_dir, RUN_COMMANDS, option="--runs", keep={"dataset": data_dir}, legacy=legacy_run,
+                              by="mkd ablate")  # fmt: skip
             logger.info("%s: removing a half-finished run folder and starting over", spec.id)
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if owner_of(run_dir) is None:
+        mark_owner(run_dir, spec.kind)  # what a later restart or --overwrite may replace
     write_json(run_dir / "run.json", spec.run_json())
     if train:
         run_bundle(
@@ -678,6 +763,8 @@ def run_command(
         cmd += ["--device", str(device)]
     if resume:
         cmd += ["--resume"]
+    if grid.allow_expressions:
+        cmd += ["--allow-expressions"]
     return cmd
 
 
@@ -690,8 +777,9 @@ class AblationResult:
         done: runs that were finished before this call (skipped).
         ran: runs trained and evaluated by this call.
         failed: ``{run id: error message}``.
-        blocked: runs not started because their teacher failed.
+        blocked: runs not started because their teacher failed or is running elsewhere.
         pending: runs that were not done when the call started.
+        elsewhere: runs skipped because another process (a parallel ``mkd ablate``) holds their lock.
     """
 
     planned: list[str] = field(default_factory=list)
@@ -700,6 +788,7 @@ class AblationResult:
     failed: dict[str, str] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -775,6 +864,7 @@ def run_ablation(
         return result
     from mkd.bundle import check_datalist
 
+    validate_grid(grid, pending)
     check_datalist(data_dir, ["training", "validation", "test"])
     runs_dir.mkdir(parents=True, exist_ok=True)
     if jobs == 1:
@@ -786,7 +876,25 @@ def run_ablation(
 
 
 def _blocked(spec: RunSpec, result: AblationResult) -> bool:
-    return spec.depends_on is not None and (spec.depends_on in result.failed or spec.depends_on in result.blocked)
+    return spec.depends_on is not None and (
+        spec.depends_on in result.failed or spec.depends_on in result.blocked or spec.depends_on in result.elsewhere
+    )
+
+
+def _why_blocked(spec: RunSpec, result: AblationResult) -> str:
+    if spec.depends_on in result.elsewhere:
+        return f"skipped, teacher {spec.depends_on} is running elsewhere; run the same command again once it is done"
+    return f"skipped, teacher {spec.depends_on} failed"
+
+
+def _elsewhere(runs_dir: Path, run_id: str) -> str | None:
+    """``"pid P on HOST since T"`` when another live process holds the run's lock, else ``None``."""
+    from mkd.locks import held_elsewhere
+
+    owner = held_elsewhere(runs_dir / f"{run_id}.lock")
+    if owner is None:
+        return None
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
 
 
 def _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, say) -> None:
@@ -794,12 +902,17 @@ def _run_sequential(pending, grid, runs_dir, data_dir, device, resume, result, s
     for i, spec in enumerate(pending, 1):
         if _blocked(spec, result):
             result.blocked.append(spec.id)
-            say(f"[{i}/{n}] {spec.id}: skipped, teacher {spec.depends_on} failed")
+            say(f"[{i}/{n}] {spec.id}: {_why_blocked(spec, result)}")
             continue
         say(f"[{i}/{n}] {spec.id} ({spec.method}, seed {spec.seed}) ...")
         t = time.perf_counter()
         try:
             execute_run(spec, runs_dir, data_dir, device=device, resume=resume)
+        except LockedError as err:  # a parallel mkd ablate (or a cluster job) is training it: not a failure
+            result.elsewhere.append(spec.id)
+            who = _elsewhere(runs_dir, spec.id) or str(err)
+            say(f"[{i}/{n}] {spec.id}: running elsewhere ({who}); skipped")
+            continue
         except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
             result.failed[spec.id] = f"{type(err).__name__}: {err}"
             say(f"[{i}/{n}] {spec.id}: FAILED: {err}")
@@ -824,11 +937,16 @@ def _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, resul
             if _blocked(spec, result):
                 queue.remove(spec)
                 result.blocked.append(spec.id)
-                say(f"{spec.id}: skipped, teacher {spec.depends_on} failed")
+                say(f"{spec.id}: {_why_blocked(spec, result)}")
                 continue
             if spec.depends_on and not is_done(runs_dir / spec.depends_on):
                 continue  # its teacher is still queued or running
             queue.remove(spec)
+            who = _elsewhere(runs_dir, spec.id)
+            if who is not None:
+                result.elsewhere.append(spec.id)
+                say(f"{spec.id}: running elsewhere ({who}); skipped")
+                continue
             cmd = run_command(grid, spec.id, runs_dir, data_dir, device, resume, program=(sys.executable, "-m", "mkd"))
             log = open(logs / f"{spec.id}.log", "w")  # noqa: SIM115 - closed when the worker ends
             running[spec.id] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
@@ -848,6 +966,9 @@ def _run_parallel(pending, grid, runs_dir, data_dir, device, resume, jobs, resul
             if proc.returncode == 0 and is_done(runs_dir / run_id):
                 result.ran.append(run_id)
                 say(f"{run_id}: done in {time.perf_counter() - t:.0f} s")
+            elif proc.returncode == 0 and _elsewhere(runs_dir, run_id) is not None:
+                result.elsewhere.append(run_id)  # taken by another process between our check and the worker's
+                say(f"{run_id}: running elsewhere ({_elsewhere(runs_dir, run_id)}); skipped")
             else:
                 tail = (logs / f"{run_id}.log").read_text(errors="replace").strip().splitlines()[-1:]
                 result.failed[run_id] = f"exit {proc.returncode}: {tail[0] if tail else ''}"

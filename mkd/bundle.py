@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mkd.errors import InputError, MkdError
+from mkd.errors import ExpressionError, InputError, MkdError
 from mkd.locks import ensure_lock, hold_lock, release_own_lock
+from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run, mark_owner, owner_of
 from mkd.utils import write_json
 
 __all__ = [
@@ -41,7 +42,10 @@ __all__ = [
     "resume_point",
     "check_datalist",
     "parse_overrides",
+    "check_setting_values",
     "check_setting_type",
+    "SPECIAL_KEYS",
+    "EXPRESSION_PREFIXES",
     "KEY_METRIC",
     "key_metric_score",
     "RUN_LOCK",
@@ -161,7 +165,69 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | None = None, strict: bool = True):
+#: keys of a MONAI config mapping that make it an instruction rather than a value: ``_target_`` instantiates
+#: (and so runs) any importable callable, the others steer that instantiation
+SPECIAL_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
+#: first characters of a string that MONAI does not take as text: ``$`` runs the rest as Python, ``@``
+#: references another config item, ``%`` reads an item of another config file
+EXPRESSION_PREFIXES = ("$", "@", "%")
+
+
+def _expression_in(value: Any, path: str) -> tuple[str, str] | None:
+    """The first place in ``value`` that MONAI would evaluate: ``(path, why)``, or ``None``."""
+    if isinstance(value, str):
+        if value[:1] in EXPRESSION_PREFIXES:
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            return path, f"{shown!r} is a MONAI expression or reference ('{value[0]}...'), not a value"
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key) in SPECIAL_KEYS:
+                return f"{path}#{key}", f"{key} makes the mapping an object MONAI would build (and run)"
+            found = _expression_in(item, f"{path}#{key}")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _expression_in(item, f"{path}#{i}")
+            if found:
+                return found
+    return None
+
+
+def check_setting_values(settings: Mapping[str, Any], where: str = "setting") -> None:
+    """Refuse settings that MONAI would run as code: settings are JSON / YAML values only.
+
+    A string starting with ``$`` (Python), ``@`` (a reference) or ``%`` (a macro), a mapping
+    with one of :data:`SPECIAL_KEYS` (``_target_`` builds any importable callable), at any depth,
+    lists included, and a key whose path names a special key (``optimizer#_target_``) are
+    refused. Plain strings (``"contrastive"``, ``"cuda"``), numbers, lists and mappings pass.
+    Bundle config files are code; settings from the command line or a grid file are data.
+
+    Args:
+        settings: ``{bundle key: value}``.
+        where: what the settings are, for the message (``"--set"``, ``"settings.all"``).
+
+    Raises:
+        ExpressionError: e.g. ``settings.all epochs: "$__import__('os')..." is a MONAI expression
+            or reference ('$...'), not a value; settings take plain values``.
+    """
+    for key, value in settings.items():
+        special = next((part for part in str(key).split("#") if part in SPECIAL_KEYS), None)
+        found: tuple[str, str] | None = None
+        if special is not None:
+            found = (str(key), f"{special} makes the item an object MONAI would build (and run)")
+        else:
+            found = _expression_in(value, str(key))
+        if found:
+            path, why = found
+            raise ExpressionError(f"{where} {path}: {why}; settings take plain values (numbers, strings, lists, "
+                                  "mappings)")  # fmt: skip
+
+
+def compose_config(
+    files: Sequence[os.PathLike], overrides: Mapping[str, Any] | None = None, strict: bool = True, label: str = "--set"
+):
     """Merge config files and apply overrides into a :class:`monai.bundle.ConfigParser`.
 
     Args:
@@ -169,6 +235,7 @@ def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | 
         overrides: ``{id: value}`` with MONAI ids (``"train#trainer#max_epochs"``).
         strict: an override whose id is not in the merged config is an error
             (this catches typos such as ``epochz=3``).
+        label: what the overrides are called in a message (``"--set"``, a grid's ``"settings.all"``).
 
     Raises:
         MkdError: an unknown key when ``strict``.
@@ -183,7 +250,7 @@ def compose_config(files: Sequence[os.PathLike], overrides: Mapping[str, Any] | 
             top = sorted(k for k in parser.config if not k.startswith("_"))
             raise MkdError(f"unknown bundle key {key!r} (in {bundle}); top-level keys: {', '.join(top)}")
         if strict:
-            check_setting_type(key, value, parser[key], bundle)
+            check_setting_type(key, value, parser[key], bundle, label=label)
         parser[key] = value
     return parser
 
@@ -208,7 +275,7 @@ def _kind(value: Any) -> str | None:
     return next((name for name, test in _KINDS if test(value)), None)
 
 
-def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the") -> None:
+def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the", label: str = "--set") -> None:
     """Refuse an override whose type differs from the bundle's setting (``--set epochs=abc``).
 
     An integer is accepted for a number; a setting that is ``null`` or computed (``"$..."``,
@@ -224,7 +291,7 @@ def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the") 
     if wanted is None or dict(_KINDS)[wanted](value):
         return
     raise MkdError(
-        f"--set {key}={json.dumps(value)}: {key} is {wanted} in the {bundle} bundle ({json.dumps(current)}), "
+        f"{label} {key}={json.dumps(value)}: {key} is {wanted} in the {bundle} bundle ({json.dumps(current)}), "
         f"got {_kind(value) or type(value).__name__}"
     )
 
@@ -320,7 +387,9 @@ def run_bundle(
         extra_configs: further bundle config names merged after the profile.
         seed: random seed.
         device: ``cpu``, ``cuda``, ``cuda:1`` ... or ``None`` for automatic.
-        overwrite: delete an earlier run in ``output_dir`` first (once the lock is held).
+        overwrite: delete an earlier run in ``output_dir`` first (once the lock is held). Only a
+            folder that a training run wrote (its ``.mkd-owner.json``, :mod:`mkd.ownership`) or an
+            empty one is replaced; never the current folder, the dataset or a folder above them.
 
     Returns:
         dict with ``output_dir``, ``checkpoint`` (best on validation), ``best_epoch``,
@@ -341,6 +410,8 @@ def run_bundle(
         raise MkdError(f"--nproc must be >= 1, got {nproc}")
     if overwrite and resume:
         raise MkdError("--overwrite and --resume exclude each other")
+    if overwrite:  # replace only a training run (or an empty folder), never the data or the current folder
+        check_replaceable(output_dir, RUN_COMMANDS, keep={"dataset": dataset_dir}, legacy=legacy_run)
     extra = list(extra_configs) + (["multi_gpu_train"] if nproc > 1 else [])
     files = bundle_configs(name, profile, extra)
     settings: dict[str, Any] = {
@@ -363,6 +434,8 @@ def run_bundle(
             if overwrite:
                 _remove(e for e in output_dir.iterdir() if e.name != RUN_LOCK)
             before = {e.name for e in output_dir.iterdir()}
+            if owner_of(output_dir) not in RUN_COMMANDS:
+                mark_owner(output_dir, name)  # what --overwrite may replace later
             saved = _epoch_checkpoints(ckpt_dir)
             try:
                 return _run_locked(name, parser, files, output_dir, dataset_dir, ckpt_dir, resume, nproc)

@@ -16,7 +16,7 @@ import click
 
 from mkd import __version__
 from mkd.bundle import PROFILES, ROLES
-from mkd.errors import MkdError
+from mkd.errors import ExpressionError, MkdError
 
 __all__ = ["main", "cli"]
 
@@ -32,6 +32,19 @@ def _user_errors(func):
             raise click.ClickException(str(err)) from None
 
     return wrapper
+
+
+#: what the CLI adds to a refused expression: the way to run it on purpose
+_ALLOW_HINT = "pass --allow-expressions to run it as code on purpose (docs/security.md)"
+
+
+def allow_expressions_option(func):
+    return click.option(
+        "--allow-expressions",
+        is_flag=True,
+        help="Let --set / grid settings hold MONAI expressions ('$...', '@...', '%...') and _target_ mappings. "
+        "This runs code: use it only with settings you wrote yourself (docs/security.md).",
+    )(func)
 
 
 def seed_option(func):
@@ -148,6 +161,10 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
     from mkd.data.prepare import check_output_dir
 
     check_output_dir(out, overwrite)
+    if overwrite:  # a prepared dataset (prepare.json) or an empty folder; never the current folder or one above it
+        from mkd.ownership import check_replaceable
+
+        check_replaceable(out, ("prepare",), option="--out", legacy=lambda p: (p / "prepare.json").is_file())
     from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE
 
     source_info: dict = {}
@@ -339,6 +356,7 @@ def training_options(func):
             help="Processes for distributed data parallel training (torchrun; gloo on CPU, nccl on GPU).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        allow_expressions_option,
         seed_option,
     ]
     for option in reversed(options):
@@ -360,10 +378,11 @@ def _run_training(
     device,
     seed,
     overrides: dict,
+    allow_expressions: bool = False,
 ) -> dict:
     from pathlib import Path
 
-    from mkd.bundle import parse_overrides, run_bundle
+    from mkd.bundle import check_setting_values, parse_overrides, run_bundle
 
     output = Path(output_dir or f"runs/{bundle}-{arch}")
     if overwrite and resume:
@@ -371,7 +390,13 @@ def _run_training(
     overrides = {"arch": arch, **overrides}
     if epochs is not None:
         overrides["epochs"] = epochs
-    overrides.update(parse_overrides(sets))
+    user_sets = parse_overrides(sets)
+    if not allow_expressions:
+        try:
+            check_setting_values(user_sets, "--set")
+        except ExpressionError as err:
+            raise MkdError(f"{err}; {_ALLOW_HINT}") from None
+    overrides.update(user_sets)
     click.echo(f"mkd {bundle}: arch={arch} profile={profile} data={data_dir} output={output}")
     if resume:
         from mkd.bundle import resume_point
@@ -660,6 +685,26 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+#: the files mkd evaluate writes into its --output folder
+_EVALUATION_FILES = ("summary.json", "per_volume.csv", "per_slice.csv")
+
+
+def _check_evaluation_output(out) -> None:
+    """Evaluate rewrites its three files in --output; refuse when they exist and are not an earlier evaluation's."""
+    import json
+
+    existing = [out / name for name in _EVALUATION_FILES if (out / name).exists()]
+    if not existing:
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not (isinstance(summary, dict) and "pooled" in summary and "per_volume" in summary):
+        raise MkdError(f"{existing[0]}: exists and is not from mkd evaluate; evaluate writes "
+                       f"{', '.join(_EVALUATION_FILES)} into --output: give it a new folder")  # fmt: skip
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option(
@@ -692,6 +737,7 @@ def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
     seed_everything(seed)
     ckpt = Path(checkpoint)
     out = Path(output_dir) if output_dir else ckpt.resolve().parent.parent / "eval" / split
+    _check_evaluation_output(out)
     result = evaluate_checkpoint(ckpt, data_dir, split=split, batch_size=batch_size, device=device, progress=True)
     paths = result.write(out)
     s = result.summary
@@ -784,9 +830,10 @@ def demo(out, overwrite, teacher_epochs, student_epochs, seed):
 @click.option("--resume", is_flag=True,
               help="Continue half-trained runs from their last epoch checkpoint; default: restart them.")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@allow_expressions_option
 @_user_errors
 def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands, dry_run, seed_offset, resume,
-           device):  # fmt: skip
+           device, allow_expressions):  # fmt: skip
     """Run a grid of teachers, student baselines and distillation runs (see docs/ablate.md).
 
     Each run goes to RUNS/<run id> with its run.json, training output and test
@@ -801,15 +848,30 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
     """
     from pathlib import Path
 
-    from mkd.ablation import format_commands, load_grid, run_ablation, run_command, run_status
+    from mkd.ablation import (
+        MANY_RUNS,
+        format_commands,
+        load_grid,
+        run_ablation,
+        run_command,
+        run_status,
+        validate_grid,
+    )
 
-    spec = load_grid(grid, profile=profile, seed_offset=seed_offset)
+    try:
+        spec = load_grid(grid, profile=profile, seed_offset=seed_offset, allow_expressions=allow_expressions)
+    except ExpressionError as err:
+        raise MkdError(f"{err}; {_ALLOW_HINT}") from None
     runs = Path(runs_dir or f"runs/{Path(grid).stem}")
     data = Path(data_dir or spec.data or "mkd_data")
     dev = None if device == "auto" else device
     selected = [r for r in spec.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
     for run_id in only:
         spec[run_id]  # an unknown id is an error
+    validate_grid(spec, selected)  # unknown settings keys and wrong types, as a real run would find them
+    if len(spec.runs) > MANY_RUNS:
+        click.echo(f"warning: {grid} expands to {len(spec.runs)} runs ({len(spec.seeds)} seeds); check 'seeds' "
+                   f"before running it", err=True)  # fmt: skip
     status = run_status(spec, runs)
     if dry_run:
         counts = spec.count()
@@ -820,6 +882,13 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
             click.echo(f"{status[r.id]:8} {r.id:{width}}  {r.method}")
         pending = sum(status[r.id] != "done" for r in selected)
         click.echo(f"{len(selected)} runs: {len(selected) - pending} done, {pending} pending (runs folder {runs})")
+        if pending:
+            from mkd.bundle import check_datalist
+
+            try:
+                check_datalist(data, ["training", "validation", "test"])
+            except MkdError as err:  # what a real run would stop at
+                click.echo(f"warning: a real run would stop here: {err}", err=True)
         return
     if print_commands:
         pending = [r for r in selected if status[r.id] != "done"]
@@ -836,13 +905,17 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
         return
     result = run_ablation(spec, runs, data, jobs=jobs, only=only, kinds=kinds or None, device=dev, resume=resume,
                           progress=click.echo)  # fmt: skip
+    elsewhere = f", {len(result.elsewhere)} running elsewhere" if result.elsewhere else ""
     click.echo(f"ablate: {len(result.ran)} ran, {len(result.done)} already done, {len(result.failed)} failed, "
-               f"{len(result.blocked)} blocked ({result.seconds:.0f} s); runs folder {runs}")  # fmt: skip
+               f"{len(result.blocked)} blocked{elsewhere} ({result.seconds:.0f} s); runs folder {runs}")  # fmt: skip
     if result.failed:
         for run_id, err in result.failed.items():
             click.echo(f"  failed: {run_id}: {err}", err=True)
         raise MkdError(f"{len(result.failed)} run(s) failed; fix and run the same command again to redo them")
-    if not only:
+    if result.elsewhere:
+        click.echo(f"{len(result.elsewhere)} run(s) are being trained by another process; run the same command "
+                   "again once they are done")  # fmt: skip
+    elif not only:
         click.echo(f"next: mkd report {runs}")
 
 
@@ -879,7 +952,8 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
     if grid_file is not None:
         from mkd.ablation import load_grid
 
-        only = [r.id for r in load_grid(grid_file).runs]
+        # the report reads run ids only and runs none of the settings: a grid run with --allow-expressions is fine
+        only = [r.id for r in load_grid(grid_file, allow_expressions=True).runs]
     result = build_report(runs_dir, output_dir, baseline=baseline, figures=figures, qualitative=qualitative,
                           n_slices=n_slices, data_dir=data_dir, device=device, seed=seed, only=only)  # fmt: skip
     click.echo(result.markdown)
@@ -897,6 +971,22 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
 
 
 # --- infer / export (mkd.inference, mkd.export) ---
+
+
+def _check_mask_replaceable(path) -> None:
+    """``--overwrite`` replaces a mask (a uint8 NIfTI, what infer writes), never a CT or another file."""
+    import nibabel as nib
+
+    from mkd.errors import InputError
+
+    try:
+        dtype = nib.load(str(path)).get_data_dtype()
+    except Exception:  # noqa: BLE001 - unreadable: not a mask infer wrote
+        dtype = None
+    if dtype is None or dtype.kind != "u" or dtype.itemsize != 1:
+        what = f"a {dtype} NIfTI (a CT?)" if dtype is not None else "not a NIfTI mask"
+        raise InputError(path, f"is {what}, not a uint8 mask written by mkd infer; --overwrite replaces only masks: "
+                         "give --output another name")  # fmt: skip
 
 
 @cli.command()
@@ -969,9 +1059,37 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
     if batch and preview:
         raise click.UsageError("--preview/--png takes one volume; a folder --input writes many masks")
     if batch:
-        check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
-    elif output.exists() and not overwrite:
-        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        volumes = check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
+        for existing in (output / v.name for v in volumes) if overwrite else ():
+            if existing.exists():
+                _check_mask_replaceable(existing)
+    else:
+        from mkd.errors import InputError
+        from mkd.inference import NIFTI_SUFFIXES
+
+        # what --overwrite could never fix is said first: the input itself, or a file infer does not write
+        if Path(input_path).exists() and output.exists() and output.resolve() == Path(input_path).resolve():
+            raise InputError(output, "is the --input volume; the mask would replace the CT: give --output another "
+                             "file name")  # fmt: skip
+        if not output.name.lower().endswith(NIFTI_SUFFIXES):
+            raise InputError(output, f"output must be a NIfTI file ending in {' or '.join(NIFTI_SUFFIXES)}")
+        if output.is_dir():
+            raise InputError(output, "is a folder; expected an output file name")
+        if output.exists() and not overwrite:
+            raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        if output.exists():
+            _check_mask_replaceable(output)
+    if preview:  # a PNG, written over an earlier preview only (it was written over any file, the CT included)
+        from mkd.errors import InputError
+
+        png = Path(preview)
+        if png.suffix.lower() != ".png":
+            raise InputError(png, "--preview/--png must be a file name ending in .png")
+        if png.exists() and not overwrite:
+            raise MkdError(f"{png}: preview already exists; pass --overwrite to replace it")
+        if png.exists() and (not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+            raise InputError(png, "is not a PNG image; --overwrite replaces only an earlier preview: give --preview "
+                             "another name")  # fmt: skip
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,

@@ -55,7 +55,8 @@ def run_demo(
     Args:
         out: demo folder (``raw/`` phantom, ``data/`` prepared slices, ``runs/`` with ``runs/report/``).
         seed: seed of the phantom, the split and every training run.
-        overwrite: replace an existing demo folder.
+        overwrite: replace an existing demo folder, only one the demo wrote (its ``.mkd-owner.json``,
+            :mod:`mkd.ownership`) or an empty one.
         cases: phantom cases (default: the phantom's default).
         teacher_epochs: override the CPU profile's teacher epochs.
         student_epochs: override the epochs of the baseline and the distilled students (always shared).
@@ -70,13 +71,18 @@ def run_demo(
     """
     from mkd.ablation import expand_grid, run_ablation
     from mkd.data import prepare_dataset, write_phantom
+    from mkd.ownership import check_replaceable, mark_owner
     from mkd.reports import build_report
 
     out = Path(out).resolve()
     if out.exists():
         if not overwrite:
             raise MkdError(f"{out}: demo folder exists; pass --overwrite to replace it")
+        # only a folder the demo wrote (or an empty one): never a folder of the user's files
+        check_replaceable(out, ("demo",), option="--out", legacy=lambda p: (p / "demo.json").is_file())
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_owner(out, "demo")
     t_start = time.perf_counter()
     steps: dict[str, float] = {}
 
@@ -111,8 +117,8 @@ def run_demo(
         f"train and evaluate {len(grid.runs)} runs: " + ", ".join(r.id for r in grid.runs),
         lambda: run_ablation(grid, runs, data, progress=lambda msg: echo(f"        {msg}")),
     )
-    if result.failed or result.blocked:
-        raise MkdError(f"demo runs failed: {result.failed or result.blocked}; see {runs}")
+    if result.failed or result.blocked or result.elsewhere:
+        raise MkdError(f"demo runs failed: {result.failed or result.blocked or result.elsewhere}; see {runs}")
     report = step("report: tables and figures", lambda: build_report(runs))
     seconds = round(time.perf_counter() - t_start, 1)
     write_json(out / "demo.json", {"seconds": seconds, "steps": steps, "seed": seed, "grid": grid_config})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["MkdError", "InputError"]
+__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError"]
 
 
 class MkdError(Exception):
@@ -31,3 +31,15 @@ class InputError(MkdError, ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+class ExpressionError(MkdError):
+    """A setting that MONAI would run as code (``"$..."``, ``"@..."``, ``"%..."``, ``_target_``).
+
+    Settings (``--set``, a grid's ``settings``) are values; the message names the setting.
+    The CLI adds how to run it on purpose (``--allow-expressions``).
+    """
+
+
+class LockedError(MkdError):
+    """A run (or another locked thing) is held by another live process, or by one on another host."""

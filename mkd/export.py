@@ -266,6 +266,28 @@ def export_model(
     return ExportResult(path=path, format=fmt, metadata=dict(metadata or {}), max_abs_diff=diff)
 
 
+def _is_export(path: Path) -> bool:
+    """``path`` is a file that :func:`export_checkpoint` could have written: a TorchScript archive or ONNX model.
+
+    TorchScript is a zip archive with a ``code/`` folder (a ``torch.save`` checkpoint has none);
+    ONNX is a protobuf ``ModelProto`` that the ``onnx`` package reads.
+    """
+    import zipfile
+
+    if not path.is_file():
+        return False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            return any("/code/" in f"/{name}" for name in zf.namelist())
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX (or no onnx package to tell): keep it
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     fmt: str,
@@ -309,6 +331,9 @@ def export_checkpoint(
         raise InputError(output, "output would overwrite the checkpoint")
     if output.exists() and not overwrite:
         raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+    if output.exists() and not _is_export(output):
+        raise InputError(output, "not a TorchScript or ONNX export (a checkpoint or another file?); --overwrite "
+                         "replaces only an export: give --output another name")  # fmt: skip
     metadata = checkpoint_metadata(checkpoint, ckpt, model, fmt, input_size)
     try:
         result = export_model(model, fmt, output, input_size, metadata, check=check, atol=atol)

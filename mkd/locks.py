@@ -4,6 +4,11 @@ A lock is a small JSON file (host, pid, start time) created with ``O_CREAT | O_E
 which shared file systems such as NFS honour. A lock left by a process that no longer
 exists on this host (a killed job) is taken over; a lock from another host is only
 reported, since its process cannot be checked from here.
+
+Taking over is atomic: a process removes a stale lock only while it holds the takeover
+guard (``fcntl.flock`` on a hidden sibling file, released by the kernel if the process
+dies) and after reading the lock again under it, so of several processes that find the
+same stale lock exactly one gets it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mkd.errors import MkdError
+from mkd.errors import LockedError, MkdError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: takeover is not guarded
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "hold_lock",
@@ -26,6 +36,7 @@ __all__ = [
     "ensure_lock",
     "release_own_lock",
     "lock_owner",
+    "held_elsewhere",
     "HELD_LOCK_ENV",
 ]
 
@@ -58,6 +69,53 @@ def lock_owner(path: str | os.PathLike) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
+def _stale(owner: dict, host: str) -> bool:
+    """The lock's process was on this host and has exited."""
+    return owner.get("host") == host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"])
+
+
+def held_elsewhere(path: str | os.PathLike) -> dict | None:
+    """The owner of lock ``path`` when another live process (or one on another host) holds it, else ``None``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    owner = lock_owner(path)
+    host = socket.gethostname()
+    if _stale(owner, host) or (owner.get("host") == host and owner.get("pid") == os.getpid()):
+        return None
+    return owner
+
+
+@contextmanager
+def _takeover_guard(path: Path) -> Iterator[None]:
+    """Hold ``.<lock name>.takeover`` beside ``path`` exclusively (``fcntl.flock``) while the block runs.
+
+    The guard file is removed while still held; a process that locked a removed file
+    (its inode no longer at the path) tries again, so two processes never both hold it.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    guard = path.with_name(f".{path.name}.takeover")
+    while True:
+        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(guard).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                continue  # the holder before us removed this guard file
+            try:
+                yield
+            finally:
+                guard.unlink(missing_ok=True)
+            return
+        finally:
+            os.close(fd)
+
+
 def acquire_lock(path: str | os.PathLike, what: str) -> Path:
     """Create the lock file ``path`` for this process, taking over one whose process has exited.
 
@@ -66,23 +124,37 @@ def acquire_lock(path: str | os.PathLike, what: str) -> Path:
         what: the locked thing, for the message (``"run teacher-t1-seed0"``).
 
     Raises:
-        MkdError: ``path`` is held by a live process (or by one on another host); the
+        LockedError: ``path`` is held by a live process (or by one on another host); the
             message names its pid, host and start time.
     """
     path = Path(path)
     host = socket.gethostname()
     mine = json.dumps({"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(2):
+    for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = lock_owner(path)
-            if owner.get("host") == host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
-                logger.info("%s: taking over a lock left by pid %d, which has exited", what, owner["pid"])
-                path.unlink(missing_ok=True)
+            if _stale(owner, host):
+                with _takeover_guard(path):
+                    # read again under the guard: another process may have taken it over meanwhile
+                    owner = lock_owner(path)
+                    if not path.exists() or _stale(owner, host):
+                        if path.exists():
+                            logger.info("%s: taking over a lock left by pid %d, which has exited", what, owner["pid"])
+                        path.unlink(missing_ok=True)
+                        try:
+                            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                        except FileExistsError:
+                            continue  # a process that never saw the stale lock created one: look again
+                        with os.fdopen(fd, "w") as f:
+                            f.write(mine)
+                        return path
                 continue
+            if not owner and not path.exists():
+                continue  # released between our create and our read
             who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('started', '?')}"
-            raise MkdError(
+            raise LockedError(
                 f"{path}: {what} is being run by {who}; wait for it, or delete the lock file if that process is gone"
             ) from None
         with os.fdopen(fd, "w") as f:
@@ -105,7 +177,7 @@ def hold_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold the lock file ``path`` while the block runs; it is removed when the block ends, also on error.
 
     Raises:
-        MkdError: see :func:`acquire_lock`.
+        LockedError: see :func:`acquire_lock`.
     """
     path = acquire_lock(path, what)
     key = str(path.resolve())

@@ -281,3 +281,127 @@ def test_a_locked_run_is_refused_before_its_folder_is_touched(tmp_path):
     ):
         execute_run(spec, runs, tmp_path / "no-data-needed")
     assert (runs / spec.id / "half-written.txt").is_file()  # not deleted as a "half-finished run"
+
+
+# --- issue 18: a grid file is data, not code ---
+
+
+def test_grid_settings_are_values_and_dry_run_refuses_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = '$__import__("os").system("touch pwned") or 1'
+    grid_file = _write_grid(tmp_path, {**SMALL, "settings": {"all": {"epochs": code}}})
+    for extra in (["--dry-run"], []):
+        res = CliRunner().invoke(cli, ["ablate", str(grid_file), "--runs", "runs", "--data", "data", *extra])
+        assert res.exit_code == 1
+        assert res.output.strip() == (
+            f"Error: {grid_file}: settings.all epochs: {code!r} is a MONAI expression or reference ('$...'), not a "
+            "value; settings take plain values (numbers, strings, lists, mappings); pass --allow-expressions to run "
+            "it as code on purpose (docs/security.md)"
+        )
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
+    nested = {
+        **SMALL,
+        "distill": [{"scales": "bn", "settings": {"terms": {"bn": {"loss": {"_target_": "os.system"}}}}}],
+    }
+    with pytest.raises(MkdError, match=r"distill\[0\]\.settings terms#bn#loss#_target_: _target_ makes the mapping"):
+        expand_grid(nested)
+    named = {**SMALL, "teachers": {"t1": {"settings": {"optimizer#_target_": "os.system"}}}}
+    with pytest.raises(MkdError, match=r"teachers\.t1\.settings optimizer#_target_: _target_ makes the item"):
+        expand_grid(named)
+    # plain strings pass (a loss named by its registry name); --allow-expressions lets code through, also to workers
+    plain = expand_grid({**SMALL, "settings": {"distill": {"terms": {"bn": {"input": "bn", "loss": "contrastive"}}}}})
+    assert plain["distill-s1-t1-bn-contrastive-f0.5-seed0"].settings["terms"]["bn"]["loss"] == "contrastive"
+    allowed = load_grid(grid_file, allow_expressions=True)
+    assert allowed["teacher-t1-seed0"].settings["epochs"] == code
+    from mkd.ablation import run_command
+
+    assert run_command(allowed, "teacher-t1-seed0", "runs", "data")[-1] == "--allow-expressions"
+    assert "--allow-expressions" not in run_command(
+        load_grid(_write_grid(tmp_path, SMALL)), "teacher-t1-seed0", "r", "d"
+    )
+
+
+def test_grid_yaml_refuses_anchors_aliases_and_huge_files(tmp_path):
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text(
+        "teachers: [t1]\nstudents: [s1]\nsettings:\n  all:\n    a: &a [x, x, x, x, x, x, x, x, x]\n"
+        "    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n    c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    )
+    with pytest.raises(MkdError) as err:
+        load_grid(laughs)
+    assert str(err.value) == f"{laughs}: line 5: YAML anchor '&a'; a grid is plain data, write the values out"
+    alias = tmp_path / "alias.yaml"
+    alias.write_text("teachers: [t1]\nstudents: [s1]\nseeds: *nowhere\n")
+    with pytest.raises(MkdError, match=r"alias\.yaml: (line 3: YAML alias '\*nowhere'|not valid YAML)"):
+        load_grid(alias)
+    res = CliRunner().invoke(cli, ["ablate", str(laughs), "--dry-run", "--runs", str(tmp_path / "r")])
+    assert res.exit_code == 1 and res.output.startswith(f"Error: {laughs}: line 5: YAML anchor '&a'")
+    big = tmp_path / "big.yaml"
+    big.write_text("teachers: [t1]\nstudents: [s1]\n# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(MkdError, match=r"big\.yaml: grid file of 1048609 bytes; a grid may be at most 1048576 bytes"):
+        load_grid(big)
+
+
+def test_dry_run_checks_settings_against_the_bundle_and_warns_for_absurd_seed_counts(tmp_path):
+    args = ["--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--dry-run"]
+    typo = _write_grid(tmp_path, {**SMALL, "settings": {"student": {"epochz": 3}}})
+    res = CliRunner().invoke(cli, ["ablate", str(typo), *args])
+    assert res.exit_code == 1
+    assert res.output.startswith(
+        f"Error: {typo.resolve()}: run student-s1-f0.5-seed0: unknown bundle key 'epochz' (in student); "
+        "top-level keys: "
+    )
+    assert " epochs, " in res.output
+    wrong = _write_grid(tmp_path, {**SMALL, "settings": {"all": {"epochs": "many"}}})
+    res = CliRunner().invoke(cli, ["ablate", str(wrong), *args])
+    assert res.exit_code == 1
+    assert res.output.strip().startswith(
+        f'Error: {wrong.resolve()}: run teacher-t1-seed0: setting epochs="many": epochs is an integer in the teacher '
+        "bundle"
+    )
+    many = _write_grid(tmp_path, {**SMALL, "seeds": list(range(1200)), "distill": []})
+    res = CliRunner().invoke(cli, ["ablate", str(many), *args])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {many} expands to 2401 runs (1200 seeds); check 'seeds' before running it" in res.stderr
+    res = CliRunner().invoke(cli, ["ablate", str(_write_grid(tmp_path, SMALL)), *args])
+    assert res.exit_code == 0 and "expands to" not in res.output
+    data = tmp_path / "data" / "datalist.json"
+    assert res.stderr.strip() == (
+        f"warning: a real run would stop here: {data}: datalist not found; run `mkd prepare` first (or pass --data)"
+    )
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_runs_held_by_a_parallel_ablate_are_running_elsewhere_not_failed(tmp_path, jobs):
+    import os
+    import socket
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.npy").write_bytes(b"")
+    item = {"image": "a.npy", "label": "a.npy"}
+    (data / "datalist.json").write_text(json.dumps({"training": [item], "validation": [item], "test": [item]}))
+    grid_file = _write_grid(tmp_path, {"teachers": ["t1"], "students": ["s1"], "distill": [{"scales": "bn"}]})
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    other = {"host": socket.gethostname(), "pid": os.getppid(), "started": "09:00"}  # a live process
+    for run_id in ("teacher-t1-seed0", "student-s1-f0.5-seed0"):
+        (runs / f"{run_id}.lock").write_text(json.dumps(other))
+    args = ["ablate", str(grid_file), "--runs", str(runs), "--data", str(data)]
+    res = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert "running  teacher-t1-seed0" in res.output and "running  student-s1-f0.5-seed0" in res.output
+    res = CliRunner().invoke(cli, [*args, "--jobs", jobs])
+    assert res.exit_code == 0, res.output
+    prefix = "[1/3] " if jobs == "1" else ""
+    who = f"pid {os.getppid()} on {socket.gethostname()} since 09:00"
+    assert f"{prefix}teacher-t1-seed0: running elsewhere ({who}); skipped" in res.output
+    blocked = ("distill-s1-t1-bn-contrastive-f0.5-seed0: skipped, teacher teacher-t1-seed0 is running elsewhere; "
+               "run the same command again once it is done")  # fmt: skip
+    assert blocked in res.output
+    assert "ablate: 0 ran, 0 already done, 0 failed, 1 blocked, 2 running elsewhere" in res.output
+    assert "FAILED" not in res.output and "run(s) are being trained by another process" in res.output
+    kept = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))  # (.logs of --jobs 2)
+    assert kept == ["student-s1-f0.5-seed0.lock", "teacher-t1-seed0.lock"]
+    # a lock left by an exited process is not "running": the run is pending and would be taken over
+    (runs / "teacher-t1-seed0.lock").write_text(json.dumps({**other, "pid": 2**22 + 12345}))
+    assert run_status(load_grid(grid_file), runs)["teacher-t1-seed0"] == "pending"

@@ -69,3 +69,58 @@ def test_training_commands_reject_a_malformed_set(tmp_path):
 def test_resume_and_overwrite_exclude_each_other(tmp_path):
     res = _invoke("student", "--resume", "--overwrite", "--output", str(tmp_path / "run"))
     assert res.exit_code == 2 and "--overwrite and --resume exclude each other" in res.output
+
+
+# --- issue 18: settings are values; code runs only with --allow-expressions ---
+
+
+def test_set_refuses_a_python_expression_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _invoke(
+        "student", "--data", "D", "--output", "R", "--set", 'epochs=$__import__("os").system("touch pwned") or 1'
+    )
+    assert res.exit_code == 1
+    assert res.output.strip() == (
+        'Error: --set epochs: \'$__import__("os").system("touch pwned") or 1\' is a MONAI expression or reference '
+        "('$...'), not a value; settings take plain values (numbers, strings, lists, mappings); pass "
+        "--allow-expressions to run it as code on purpose (docs/security.md)"
+    )
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "R").exists()
+
+
+def test_set_refuses_a_target_mapping_at_any_depth_and_a_target_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _invoke("student", "--data", "D", "--output", "R",
+                  "--set", 'optimizer={"_target_":"os.system","command":"touch pwned"}')  # fmt: skip
+    assert res.exit_code == 1 and res.output.startswith(
+        "Error: --set optimizer#_target_: _target_ makes the mapping an object MONAI would build (and run); "
+    )
+    assert not (tmp_path / "pwned").exists()
+    res = _invoke("student", "--data", "D", "--set", 'x=[1, {"a": {"_requires_": "@train"}}]')
+    assert res.exit_code == 1 and "Error: --set x#1#a#_requires_: _requires_ makes the mapping" in res.output
+    res = _invoke("student", "--data", "D", "--set", "train#handlers#0#_target_=os.system")
+    assert res.exit_code == 1 and "Error: --set train#handlers#0#_target_: _target_ makes the item" in res.output
+    for value in ("@train#trainer", "%configs/x.json#a"):
+        res = _invoke("student", "--data", "D", "--set", f"loss={value}")
+        assert res.exit_code == 1 and f"Error: --set loss: '{value}' is a MONAI expression" in res.output
+
+
+def test_set_accepts_plain_values_and_allow_expressions_runs_code_on_purpose(tmp_path, monkeypatch):
+    import mkd.bundle
+
+    seen = {}
+
+    def fake_run_bundle(name, output_dir, dataset_dir, overrides=None, **kwargs):
+        seen.update(overrides)
+        return {"checkpoint": "model.pt"}
+
+    monkeypatch.setattr(mkd.bundle, "run_bundle", fake_run_bundle)
+    monkeypatch.chdir(tmp_path)
+    terms = '{"bn": {"input": "bn", "loss": "contrastive", "weight": 0.2}, "d": {"input": "logits", "loss": "mse"}}'
+    res = _invoke("student", "--set", f"terms={terms}", "--set", "device_name=cuda", "--set", "note=a $ in the middle")
+    assert res.exit_code == 0, res.output
+    assert seen["terms"]["bn"]["loss"] == "contrastive" and seen["note"] == "a $ in the middle"
+    res = _invoke("student", "--allow-expressions", "--set", "epochs=$1 + 1")
+    assert res.exit_code == 0, res.output
+    assert seen["epochs"] == "$1 + 1"
+    assert "This runs code" in " ".join(_invoke("student", "--help").output.split())

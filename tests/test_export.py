@@ -126,3 +126,24 @@ def test_onnx_export_without_onnx_says_which_extra(checkpoints, tmp_path, monkey
     with pytest.raises(MkdError, match=r"mkd\[onnx\]"):
         export_checkpoint(checkpoints["s1"], "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_overwrite_replaces_an_export_never_a_checkpoint(checkpoints, tmp_path):
+    """--overwrite onto another run's model.pt deleted that checkpoint (issue 18)."""
+    import shutil
+
+    other = tmp_path / "other_model.pt"
+    shutil.copy(checkpoints["t1"], other)
+    before = other.read_bytes()
+    r = CliRunner().invoke(cli, ["export", str(checkpoints["s1"]), "--output", str(other), "--overwrite", "--no-check"])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: {other}: not a TorchScript or ONNX export (a checkpoint or another file?); --overwrite replaces "
+        "only an export: give --output another name"
+    )
+    assert other.read_bytes() == before
+    out = tmp_path / "s1.ts.pt"
+    for _ in range(2):  # an export is replaced
+        r = CliRunner().invoke(cli, ["export", str(checkpoints["s1"]), "--output", str(out), "--overwrite",
+                                     "--no-check", "--size", "32"])  # fmt: skip
+        assert r.exit_code == 0, r.output

@@ -40,3 +40,51 @@ def test_the_bundle_lock_step_refuses_a_live_owner(tmp_path):
     )
     release_own_lock(lock)  # not ours: kept
     assert json.loads(lock.read_text())["pid"] == os.getppid()
+
+
+def _race_worker(root: str, trials: int, barrier, results) -> None:
+    """Take over the stale lock of every trial at the same moment as the other workers."""
+    from pathlib import Path
+
+    from mkd.locks import acquire_lock
+
+    for t in range(trials):
+        barrier.wait()
+        try:
+            acquire_lock(Path(root) / f"{t}.lock", f"run {t}")
+            won = True
+        except MkdError:  # held by the winner
+            won = False
+        results.put((t, os.getpid(), won))
+
+
+def test_exactly_one_of_several_processes_takes_over_a_stale_lock(tmp_path):
+    """Two processes that found a lock left by a dead process both took it (36 of 200 trials, issue 18)."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+    trials, workers = 300, 4
+    for t in range(trials):
+        (tmp_path / f"{t}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "started": "x"}))
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(str(tmp_path), trials, barrier, results)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in range(trials * workers)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    winners: dict[int, list[int]] = {}
+    for t, pid, won in outcomes:
+        winners.setdefault(t, [])
+        if won:
+            winners[t].append(pid)
+    double = {t: pids for t, pids in winners.items() if len(pids) != 1}
+    assert not double, f"{len(double)} of {trials} trials without exactly one owner: {dict(list(double.items())[:3])}"
+    for t, (pid,) in winners.items():
+        assert json.loads((tmp_path / f"{t}.lock").read_text())["pid"] == pid
+    assert not list(tmp_path.glob(".*.takeover"))  # the guards are gone

@@ -31,7 +31,7 @@ from mkd.reports.tables import (
     to_markdown,
 )
 
-__all__ = ["collect_runs", "collect_volumes", "build_report", "ReportResult", "VOLUME_METRICS"]
+__all__ = ["collect_runs", "collect_volumes", "build_report", "check_report_output", "ReportResult", "VOLUME_METRICS"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,46 @@ def _group_tables(runs: pd.DataFrame, metrics: Sequence[str]) -> dict[str, pd.Da
     return out
 
 
+def _legacy_report(folder: Path) -> bool:
+    """A report folder written before markers existed: its ``report.md`` and ``runs.csv``."""
+    return (folder / "report.md").is_file() and (folder / "runs.csv").is_file()
+
+
+def check_report_output(runs_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Refuse a report folder that would delete runs or files the report did not write.
+
+    The report folder (replaced as a whole) may not be the runs folder, a folder above it,
+    a folder holding run folders (``*/run.json``) or a folder inside a run; an existing one
+    is replaced only when a report wrote it (``.mkd-owner.json``, :mod:`mkd.ownership`) or it
+    is empty.
+
+    Raises:
+        MkdError: one line naming the folder and what to do.
+    """
+    from mkd.ownership import check_replaceable, is_within
+
+    runs_dir, output_dir = Path(runs_dir), Path(output_dir)
+    runs_real, out_real = runs_dir.resolve(), output_dir.resolve()
+    if is_within(runs_real, out_real):
+        what = "is the runs folder" if runs_real == out_real else f"holds the runs folder {runs_real}"
+        raise MkdError(f"{output_dir}: {what}; a report never replaces it: give --output a new folder "
+                       "(default: RUNS/report)")  # fmt: skip
+    for parent in [out_real, *out_real.parents]:
+        if parent == runs_real:
+            break
+        if (parent / "run.json").is_file():
+            raise MkdError(f"{output_dir}: is inside the run {parent}; a report never writes into a run: give "
+                           "--output a new folder (default: RUNS/report)")  # fmt: skip
+    if output_dir.is_dir() and not output_dir.is_symlink():
+        held = sorted(p.name for p in output_dir.iterdir() if (p / "run.json").is_file())
+        if held:
+            names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise MkdError(f"{output_dir}: holds run folders ({names}); a report never replaces them: give --output "
+                           "a new folder (default: RUNS/report)")  # fmt: skip
+    check_replaceable(output_dir, ("report",), keep={"runs folder": runs_dir}, legacy=_legacy_report,
+                      by="mkd report")  # fmt: skip
+
+
 def build_report(
     runs_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -320,7 +360,8 @@ def build_report(
 
     Args:
         runs_dir: the runs folder (``mkd ablate --runs``).
-        output_dir: default ``RUNS/report``; replaced if it exists.
+        output_dir: default ``RUNS/report``; replaced if it exists and a report wrote it
+            (:func:`check_report_output`).
         baseline: compare every student-side method with this method instead of its own
             matching baseline (e.g. ``"S1 (100%)"``).
         metrics: pooled metric columns of the main table.
@@ -338,11 +379,16 @@ def build_report(
         A :class:`ReportResult`.
 
     Raises:
-        MkdError: no finished run, or ``baseline`` is not a method of the runs.
+        MkdError: no finished run, ``baseline`` is not a method of the runs, or ``output_dir``
+            is not a folder a report may replace (:func:`check_report_output`).
     """
+    from mkd.ownership import mark_owner
     from mkd.utils import atomic_dir, atomic_file
 
     runs_dir = Path(runs_dir)
+    output_dir = Path(output_dir) if output_dir is not None else runs_dir / "report"
+    if runs_dir.is_dir():
+        check_report_output(runs_dir, output_dir)
     runs = collect_runs(runs_dir)
     left_out = left_out_runs(runs_dir)
     if only is not None:
@@ -392,9 +438,9 @@ def build_report(
                                        "significance_volumes": sig_volumes, "per_volume": volumes,
                                        "gap": gap}  # fmt: skip
     frames.update({f"group:{g}": t for g, t in groups.items()})
-    output_dir = Path(output_dir) if output_dir is not None else runs_dir / "report"
     files: dict[str, Path] = {}
     with atomic_dir(output_dir, overwrite=True) as tmp:
+        mark_owner(tmp, "report")  # what a later report may replace
 
         def text(name: str, rel: str, body: str) -> None:
             with atomic_file(tmp / rel) as fh:
