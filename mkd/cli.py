@@ -30,8 +30,33 @@ def _user_errors(func):
             return func(*args, **kwargs)
         except MkdError as err:
             raise click.ClickException(str(err)) from None
+        except Exception as err:
+            found = _storage_error(err)
+            if found is None:
+                raise
+            raise click.ClickException(found) from None
 
     return wrapper
+
+
+def _storage_error(err: BaseException) -> str | None:
+    """One line for a full disk or a folder mkd may not write (also when wrapped by MONAI / ignite), else None."""
+    import errno
+
+    full = "free some space or choose another output folder, then run again"
+    denied = "fix its permissions or choose a folder you may write to (HOME too), then run again"
+    codes = {errno.ENOSPC: ("no space left on the device", full), errno.EDQUOT: ("disk quota exceeded", full),
+             errno.EACCES: ("permission denied", denied), errno.EPERM: ("permission denied", denied),
+             errno.EROFS: ("read-only file system", denied)}  # fmt: skip
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in codes:
+            problem, todo = codes[cause.errno]
+            return f"{cause.filename or 'writing the output'}: {problem}; {todo}"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def seed_option(func):
@@ -137,6 +162,10 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
         raise click.UsageError("--cases and --shape apply to --phantom only")
     shape_t = _prepare_floats(shape, 3, "--shape")
     spacing_t = _prepare_floats(spacing, 3, "--spacing")
+    if spacing_t is not None:
+        from mkd.data.checks import check_spacing
+
+        check_spacing(spacing_t)
     if window.strip().lower() != "max":
         lo_hi = _prepare_floats(window, 2, "--window")
         if not lo_hi[0] < lo_hi[1]:
@@ -972,6 +1001,10 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
         check_folder_job(input_path, output, overwrite, skip_existing)  # before the model loads
     elif output.exists() and not overwrite:
         raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+    else:
+        from mkd.utils import check_writable
+
+        check_writable(output.parent, "mask")  # before the model loads
 
     try:
         seg = Segmenter(checkpoint, data_dir=data_dir, window=window_v, channels=channels, spacing=spacing_v,
