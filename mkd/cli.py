@@ -42,6 +42,7 @@ def _user_errors(func):
 def _storage_error(err: BaseException) -> str | None:
     """One line for a full disk or a folder mkd may not write (also when wrapped by MONAI / ignite), else None."""
     import errno
+    import os
 
     full = "free some space or choose another output folder, then run again"
     denied = "fix its permissions or choose a folder you may write to (HOME too), then run again"
@@ -54,9 +55,29 @@ def _storage_error(err: BaseException) -> str | None:
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno in codes:
             problem, todo = codes[cause.errno]
-            return f"{cause.filename or 'writing the output'}: {problem}; {todo}"
+            where = cause.filename or "writing the output"
+            if cause.errno in (errno.ENOSPC, errno.EDQUOT) and cause.filename:  # often a temporary file's name
+                where = f"{os.path.dirname(cause.filename) or '.'} (writing {os.path.basename(cause.filename)})"
+            return f"{where}: {problem}; {todo}"
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+class _EngineErrorFilter(logging.Filter):
+    """Drop ignite's and MONAI's ERROR records (StatsHandler logs a whole traceback) about an error the CLI prints.
+
+    They are logged while the exception propagates out of a training engine; when it is an
+    :class:`MkdError` or a full disk / permission problem, the command's one ``Error:`` line says it all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith(("ignite", "monai")):
+            return True
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or not (isinstance(exc, MkdError) or _storage_error(exc) is not None)
+
+
+_ONE_LINE_ERRORS = _EngineErrorFilter()
 
 
 def seed_option(func):
@@ -70,6 +91,9 @@ def cli(verbose: int) -> None:
     """Multi-task, multi-scale contrastive knowledge distillation for medical image segmentation."""
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ONE_LINE_ERRORS)
+    logging.getLogger("monai.handlers.StatsHandler").addFilter(_ONE_LINE_ERRORS)  # has its own handler
 
 
 # --- prepare (mkd.data) -------------------------------------------------------

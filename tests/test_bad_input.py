@@ -247,8 +247,30 @@ def test_disk_full_while_writing_is_one_line(s1_ckpt, ct, tmp_path, monkeypatch)
     monkeypatch.setattr(mkd.inference, "save_mask", save_mask)
     line = _one_error_line(_infer(s1_ckpt, ct, out))
     assert line == (
-        f"Error: {out}: no space left on the device; free some space or choose another output folder, then run again"
+        f"Error: {tmp_path} (writing mask.nii.gz): no space left on the device; free some space or choose another "
+        "output folder, then run again"
     )
+
+
+def test_training_engine_errors_are_not_logged_as_tracebacks_before_the_one_line():
+    """Disk full during training printed 138 lines: MONAI's StatsHandler logs the whole traceback first."""
+    from mkd.cli import _ONE_LINE_ERRORS
+
+    def record(name, exc_info=None):
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, "Exception: boom", None, exc_info)
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/models/tmp1234")
+    except OSError:
+        import sys
+
+        assert not _ONE_LINE_ERRORS.filter(record("monai.handlers.StatsHandler", sys.exc_info()))
+        assert not _ONE_LINE_ERRORS.filter(record("ignite.engine.engine.SupervisedTrainer"))  # inside the except
+        assert _ONE_LINE_ERRORS.filter(record("mkd.bundle"))  # mkd's own records stay
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        assert _ONE_LINE_ERRORS.filter(record("ignite.engine.engine.SupervisedTrainer"))  # a bug keeps its traceback
 
 
 def test_unwritable_run_folder_and_full_disk_stop_a_training_run_before_it_starts(tiny_prepared, tmp_path, monkeypatch):
