@@ -221,6 +221,25 @@ def test_read_only_output_folder_is_found_before_the_model_loads(s1_ckpt, ct, tm
         Segmenter(s1_ckpt, device="cpu", backend="torch").segment_to_file(ct, ro / "sub" / "mask.nii.gz")
 
 
+def test_unwritable_checkpoint_folder_and_home_are_one_line(s1_ckpt, ct, tmp_path, monkeypatch):
+    """The ONNX graph cache had nowhere to go: 64 lines of traceback."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == s1_ckpt.parent else real(p, mode))
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where HOME's cache would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    out = tmp_path / "out" / "mask.nii.gz"
+    r = CliRunner().invoke(cli, ["infer", str(s1_ckpt), "--input", str(ct), "--output", str(out), "--backend",
+                                 "onnxruntime", "--device", "cpu"])  # fmt: skip
+    assert _one_error_line(r) == (
+        f"Error: {s1_ckpt.parent} and {blocker / 'mkd' / 'onnx'}: neither folder is writable, so the ONNX graph of "
+        "s1.pt cannot be cached; set XDG_CACHE_HOME to a writable folder, or pass --backend torch"
+    )
+    assert not out.exists()
+
+
 def test_a_full_disk_is_found_before_segmenting(s1_ckpt, ct, tmp_path, monkeypatch):
     import mkd.inference
 
