@@ -422,11 +422,15 @@ def run_bundle(
         "resume": bool(resume),
     }
     if device not in (None, "auto"):
+        from mkd.utils import resolve_device
+
+        resolve_device(device)  # --device banana, or cuda without CUDA: one line before anything runs
         settings["device"] = f"$torch.device({device!r})"
     settings.update(overrides or {})
     parser = compose_config(files, settings)
     ckpt_dir = Path(parser.get_parsed_content("ckpt_dir"))
     check_datalist(dataset_dir, [parser["train_split"], parser["val_split"]])
+    _check_before_training(parser, output_dir, ckpt_dir)
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -474,6 +478,7 @@ def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_d
             raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
         for bad in truncated:
             logger.info("%s: truncated (was the run killed while writing it?); resuming from %s", bad, last)
+        _check_resume(last, parser, output_dir)
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
 
@@ -540,3 +545,66 @@ def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
                 if col.startswith("val_"):
                     summary[f"best_{col}"] = float(best[col])
     return summary
+
+
+def _check_before_training(parser, output_dir: Path, ckpt_dir: Path) -> None:
+    """Settings and space checked before a run starts: ``image_size``, writable run and checkpoint folders, space.
+
+    Raises:
+        MkdError: an ``image_size`` the network cannot take, an output folder mkd may not write, or too
+            little free space for the checkpoints (estimated from the network's size on the meta device).
+    """
+    import torch
+
+    from mkd.networks import build
+    from mkd.utils import check_free_space, check_writable
+
+    size = parser.get_parsed_content("image_size")
+    arch = parser.get_parsed_content("arch")
+    try:
+        with torch.device("meta"):  # nothing allocated
+            net = build(arch, preset=parser.get_parsed_content("network_preset"),
+                        **parser.get_parsed_content("network_kwargs"))  # fmt: skip
+    except (TypeError, ValueError, KeyError):
+        return  # a bad network setting: reported where the network is built
+    low = int(getattr(net, "size_divisor", 1))
+    ok = isinstance(size, (list, tuple)) and len(size) == 2
+    ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and low <= s <= 4096 for s in size)
+    if not ok:
+        raise MkdError(
+            f"image_size={json.dumps(size)}: must be two integers [H, W] from {low} to 4096 for {arch!r} (it "
+            f"downsamples by {low}; other sizes are padded); e.g. --set image_size=[96,96]"
+        )
+    check_writable(output_dir, "run")
+    check_writable(ckpt_dir, "checkpoints")
+    params = sum(p.numel() for p in net.parameters())
+    # model.pt and checkpoint_epoch=N.pt (with up to two optimizer states each), each written beside the old one
+    check_free_space(ckpt_dir, params * 4 * 8 + 10 * 2**20, "run's checkpoints")
+
+
+def _check_resume(last: str, parser, output_dir: Path) -> None:
+    """The checkpoint to resume from is weights-only readable and holds the network this run builds.
+
+    Raises:
+        InputError: an unreadable or pickle-payload checkpoint (mkd's one line, never PyTorch's advice).
+        MkdError: the run was trained with another ``--arch`` (or other network settings).
+    """
+    from mkd.networks.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(last, map_location="cpu")
+    had = ckpt.get("network") if isinstance(ckpt.get("network"), Mapping) else {}
+    arch = parser.get_parsed_content("arch")
+    name = had.get("name")
+    if name and name != arch:
+        raise MkdError(
+            f"{last}: the run in {output_dir} trains {name!r}, not {arch!r}; resume it with --arch {name}, or "
+            f"start a new {arch} run with --overwrite (or another --output)"
+        )
+    kwargs = had.get("kwargs")
+    if name and isinstance(kwargs, Mapping):
+        wanted = parser.get_parsed_content("network_info").state_dict()["kwargs"]
+        if dict(kwargs) != wanted:
+            raise MkdError(
+                f"{last}: the run in {output_dir} trains {name!r} with {dict(kwargs)}, this one asks for {wanted}; "
+                "resume it with the same network settings (network_preset, network_kwargs), or use --overwrite"
+            )

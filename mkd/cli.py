@@ -30,6 +30,11 @@ def _user_errors(func):
             return func(*args, **kwargs)
         except MkdError as err:
             raise click.ClickException(str(err)) from None
+        except Exception as err:
+            found = _storage_error(err)
+            if found is None:
+                raise
+            raise click.ClickException(found) from None
 
     return wrapper
 
@@ -47,6 +52,47 @@ def allow_expressions_option(func):
     )(func)
 
 
+def _storage_error(err: BaseException) -> str | None:
+    """One line for a full disk or a folder mkd may not write (also when wrapped by MONAI / ignite), else None."""
+    import errno
+    import os
+
+    full = "free some space or choose another output folder, then run again"
+    denied = "fix its permissions or choose a folder you may write to (HOME too), then run again"
+    codes = {errno.ENOSPC: ("no space left on the device", full), errno.EDQUOT: ("disk quota exceeded", full),
+             errno.EACCES: ("permission denied", denied), errno.EPERM: ("permission denied", denied),
+             errno.EROFS: ("read-only file system", denied)}  # fmt: skip
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in codes:
+            problem, todo = codes[cause.errno]
+            where = cause.filename or "writing the output"
+            if cause.errno in (errno.ENOSPC, errno.EDQUOT) and cause.filename:  # often a temporary file's name
+                where = f"{os.path.dirname(cause.filename) or '.'} (writing {os.path.basename(cause.filename)})"
+            return f"{where}: {problem}; {todo}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+class _EngineErrorFilter(logging.Filter):
+    """Drop ignite's and MONAI's ERROR records (StatsHandler logs a whole traceback) about an error the CLI prints.
+
+    They are logged while the exception propagates out of a training engine; when it is an
+    :class:`MkdError` or a full disk / permission problem, the command's one ``Error:`` line says it all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith(("ignite", "monai")):
+            return True
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or not (isinstance(exc, MkdError) or _storage_error(exc) is not None)
+
+
+_ONE_LINE_ERRORS = _EngineErrorFilter()
+
+
 def seed_option(func):
     return click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")(func)
 
@@ -58,6 +104,9 @@ def cli(verbose: int) -> None:
     """Multi-task, multi-scale contrastive knowledge distillation for medical image segmentation."""
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ONE_LINE_ERRORS)
+    logging.getLogger("monai.handlers.StatsHandler").addFilter(_ONE_LINE_ERRORS)  # has its own handler
 
 
 # --- prepare (mkd.data) -------------------------------------------------------
@@ -150,6 +199,10 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
         raise click.UsageError("--cases and --shape apply to --phantom only")
     shape_t = _prepare_floats(shape, 3, "--shape")
     spacing_t = _prepare_floats(spacing, 3, "--spacing")
+    if spacing_t is not None:
+        from mkd.data.checks import check_spacing
+
+        check_spacing(spacing_t)
     if window.strip().lower() != "max":
         lo_hi = _prepare_floats(window, 2, "--window")
         if not lo_hi[0] < lo_hi[1]:
@@ -1079,6 +1132,9 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
             raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
         if output.exists():
             _check_mask_replaceable(output)
+        from mkd.utils import check_writable
+
+        check_writable(output.parent, "mask")  # before the model loads
     if preview:  # a PNG, written over an earlier preview only (it was written over any file, the CT included)
         from mkd.errors import InputError
 

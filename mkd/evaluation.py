@@ -86,12 +86,14 @@ def evaluate_checkpoint(
             backend of a :class:`mkd.inference.Segmenter`) instead of the PyTorch network; no PSNR then.
 
     Raises:
-        InputError: unreadable checkpoint, missing dataset or empty split.
+        InputError: unreadable checkpoint (or NaN weights), missing dataset or empty split.
+        MkdError: the network's output is NaN or infinite (no metrics of a broken network).
     """
     from monai.data import DataLoader, Dataset
 
     from mkd.bundle import check_datalist
     from mkd.data import load_prepare_info, load_split
+    from mkd.inference import check_logits
     from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
     from mkd.networks import FeatureRecorder, load_network
     from mkd.utils import resolve_device
@@ -133,6 +135,7 @@ def evaluate_checkpoint(
                 psnr.update(recorder.features["recon"].float().clamp(0, 1), images)
             else:
                 logits = model(images) if runner is None else runner(images.cpu())
+            check_logits(logits.float(), checkpoint, f"{split} slices of {', '.join(sorted(set(batch['patient'])))}")
             prob = torch.sigmoid(logits.float()).cpu()
             seg.update(prob, batch["label"], list(batch["patient"]), [int(z) for z in batch["z"]])
     if recorder is not None:

@@ -459,6 +459,17 @@ def cached_onnx(
     if not os.access(checkpoint.parent, os.W_OK):
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mkd" / "onnx"
         path = cache / f"{key['checkpoint_sha256'][:16]}-{name}"
+        if not path.exists():
+            from mkd.utils import check_writable
+
+            try:
+                check_writable(cache, "ONNX graph")
+            except MkdError:
+                raise MkdError(
+                    f"{checkpoint.parent} and {cache}: neither folder is writable, so the ONNX graph of "
+                    f"{checkpoint.name} cannot be cached; set XDG_CACHE_HOME to a writable folder, or pass "
+                    "--backend torch"
+                ) from None
     if path.exists() and not rebuild:
         problem = _cache_problem(path, key)
         if problem is None:

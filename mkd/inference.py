@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mkd.data.checks import check_finite, check_resampled_size, warn_if_not_ct
 from mkd.errors import InputError, MkdError
 from mkd.metrics.segmentation import keep_largest_component
 from mkd.utils import atomic_path
@@ -57,6 +58,7 @@ __all__ = [
     "preprocess",
     "invert",
     "predict_slices",
+    "check_logits",
     "keep_largest_component",
     "save_mask",
     "infer",
@@ -199,9 +201,13 @@ def resolve_settings(
         image_size, sources["image_size"] = chosen["size"], sources["size"]
     if isinstance(image_size, (int, float)):
         image_size = (image_size, image_size)
-    image_size = tuple(int(s) for s in image_size)
-    if len(image_size) != 2 or min(image_size) < 1:
-        raise ValueError(f"image_size must be two positive integers (H, W), got {image_size}")
+    try:
+        image_size = tuple(int(s) for s in image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be two integers (H, W), got {image_size!r}") from None
+    if len(image_size) != 2 or min(image_size) < 1 or max(image_size) > 4096:
+        where = f" (from the {sources['image_size']})" if sources["image_size"] != "default" else ""
+        raise ValueError(f"image_size must be two integers (H, W) from 1 to 4096, got {list(image_size)}{where}")
     if chosen["channels"] not in ("replicate", "2.5d"):
         raise ValueError(f"channels must be 'replicate' or '2.5d', got {chosen['channels']!r}")
     sp = chosen["spacing"]
@@ -259,7 +265,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_dicom_folder(path: Path) -> None:
-    """Exactly one DICOM series in ``path`` (ITK's GDCM series scan), else :class:`InputError`."""
+    """Exactly one DICOM series in ``path`` (ITK's GDCM series scan) with evenly spaced slices, else InputError."""
     import itk
 
     itk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's "No Series were found" goes to stderr otherwise
@@ -272,13 +278,71 @@ def _check_dicom_folder(path: Path) -> None:
         raise InputError(path, f"no DICOM series in this folder; {expected}")
     if len(uids) > 1:
         raise InputError(path, f"holds {len(uids)} DICOM series; pass a folder with one series")
+    _check_slice_positions(path, list(scan.GetFileNames(uids[0])))
+
+
+def _dicom_numbers(io: Any, tag: str) -> list[float] | None:
+    found, text = io.GetValueFromTag(tag, "")
+    try:
+        return [float(v) for v in str(text).strip().split("\\")] if found else None
+    except ValueError:
+        return None
+
+
+def _check_slice_positions(path: Path, files: Sequence[str], tolerance: float = 0.01) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along the slice normal.
+
+    ITK reads such a series with one averaged slice spacing (a series with 3 of 10 slices
+    missing becomes a shorter volume with a wrong voxel size), so the mask would not fit the
+    patient. Slices without ``ImagePositionPatient`` / ``ImageOrientationPatient`` are not checked.
+
+    Raises:
+        InputError: naming the folder, the expected step and the positions found / missing.
+    """
+    import itk
+
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    for name in files:
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(name))
+        io.ReadImageInformation()
+        pos, ori = _dicom_numbers(io, "0020|0032"), _dicom_numbers(io, "0020|0037")
+        if pos is None or ori is None or len(pos) != 3 or len(ori) != 6:
+            return
+        if normal is None:
+            normal = np.cross(np.asarray(ori[:3]), np.asarray(ori[3:]))
+        positions.append(float(np.dot(normal, pos)))
+    z = np.sort(np.asarray(positions))
+    steps = np.diff(z)
+    step = float(steps.min())
+    if step <= tolerance:
+        raise InputError(path, f"two DICOM slices lie at the same position ({z[int(steps.argmin())]:g} mm along the "
+                               "slice normal); pass a folder with one complete series")  # fmt: skip
+    if float(steps.max() - step) <= max(tolerance, 0.01 * step):
+        return
+    missing = []
+    for a, gap in zip(z[:-1], steps):
+        n = int(round(gap / step)) - 1
+        missing += [a + step * (k + 1) for k in range(max(n, 0))]
+    found = ", ".join(f"{v:g}" for v in sorted({round(float(g), 3) for g in steps}))
+    shown = ", ".join(f"{m:g}" for m in missing[:6]) + (", ..." if len(missing) > 6 else "")
+    gaps = f"{len(missing)} slice position(s) missing ({shown} mm)" if missing else "slice steps are not multiples"
+    raise InputError(
+        path,
+        f"uneven DICOM slice positions: expected a step of {step:g} mm, found steps {found} mm; {gaps}; "
+        f"{len(files)} slices span {z[-1] - z[0]:g} mm (read as is, ITK would average the spacing to "
+        f"{(z[-1] - z[0]) / (len(files) - 1):g} mm). Export the complete series",
+    )
 
 
 def load_volume(path: str | os.PathLike) -> Volume:
     """Read one 3D CT volume: a NIfTI file (nibabel), a DICOM series folder or another ITK format (ITK).
 
     Raises:
-        InputError: missing path, unreadable file, not a 3D volume, NaN voxels.
+        InputError: missing path, unreadable file, not a 3D volume, NaN or infinite voxels, a DICOM
+            series with uneven slice positions (missing slices).
     """
     import nibabel as nib
     from monai.transforms import LoadImage
@@ -308,9 +372,8 @@ def load_volume(path: str | os.PathLike) -> Volume:
         raise InputError(path, f"is a {kind} of shape {tuple(data.shape)}; expected one 3D volume")
     if header is None:
         affine = np.asarray(data.affine, dtype=np.float64)
-    n_nan = int(torch.isnan(data).sum())
-    if n_nan:
-        raise InputError(path, f"{n_nan} NaN voxel(s)")
+    check_finite(data, path)
+    warn_if_not_ct(data, path)
     return Volume(data=data, path=path, affine=affine, header=header)
 
 
@@ -410,6 +473,7 @@ def predict_slices(
     image_size: tuple[int, int] | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    name: Any = "the network",
 ) -> torch.Tensor:
     """Foreground probabilities of (S, C, H, W) slices, in batches.
 
@@ -420,19 +484,42 @@ def predict_slices(
         image_size: resize each batch (``area``, as the training bundles) to this size first.
         batch_size: slices per forward.
         device: where the network is.
+        name: what the error messages name (the checkpoint).
 
     Returns:
         float32 CPU tensor (S, 1, h, w) of ``sigmoid(logits)``.
+
+    Raises:
+        MkdError: the input or the network's output holds NaN or infinite values (a broken
+            network would otherwise give an empty mask without a word); ``name`` starts the message.
     """
     x_all = torch.as_tensor(slices, dtype=torch.float32)
+    check_finite(x_all, name, "network input value")  # never hand NaN to the network
     outs = []
     with torch.inference_mode():
         for start in range(0, x_all.shape[0], max(int(batch_size), 1)):
             x = x_all[start : start + batch_size].to(device)
             if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
                 x = F.interpolate(x, size=tuple(image_size), mode="area")
-            outs.append(torch.sigmoid(model(x).float()).cpu())
+            logits = model(x).float()
+            check_logits(logits, name, f"slices {start}-{start + x.shape[0] - 1}")
+            outs.append(torch.sigmoid(logits).cpu())
     return torch.cat(outs).contiguous()
+
+
+def check_logits(logits: torch.Tensor, name: Any = "the network", where: str = "") -> None:
+    """Refuse non-finite network output (NaN weights, overflow) instead of thresholding it into an empty mask.
+
+    Raises:
+        MkdError: ``"<name>: the network's output holds N NaN / infinite values (...)"``.
+    """
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        raise MkdError(
+            f"{name}: the network's output holds {int(bad.sum())} NaN or infinite value(s) of {logits.numel()}"
+            f"{f' ({where})' if where else ''}; its weights are broken (a diverged run?): retrain it or use an "
+            "earlier checkpoint"
+        )
 
 
 # --- backends -----------------------------------------------------------------------------------
@@ -606,6 +693,15 @@ def _check_output(path: Path) -> None:
         raise InputError(path, "is a folder; expected an output file name")
 
 
+def mask_bytes(shape: Sequence[int], path: str | os.PathLike) -> int:
+    """An upper estimate of the size of a uint8 mask file: the voxels plus the header, 1/4 of that for ``.nii.gz``.
+
+    (A mask compresses far better than 4 to 1; the estimate errs on the safe side.)
+    """
+    raw = int(np.prod([int(s) for s in shape])) + 352
+    return raw if not str(path).lower().endswith(".gz") else raw // 4 + 4096
+
+
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
     """Write a uint8 NIfTI with the input's affine (and its NIfTI header, when it was NIfTI), atomically.
 
@@ -739,6 +835,10 @@ class Segmenter:
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:
+            logger.warning("--threads %d is more than the %d CPU cores of this machine; the network runs no faster "
+                           "(often slower) with more threads than cores", self.threads, cores)  # fmt: skip
         self.backend_name = resolve_backend(backend, self.device)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
@@ -821,11 +921,13 @@ class Segmenter:
 
         vol = volume if isinstance(volume, Volume) else load_volume(volume)
         lap("load")
+        check_resampled_size(vol.shape, vol.affine, self.settings.spacing, vol.path, "spacing")
         pre = preprocess(vol, self.settings)
         slices = volume_to_slices(pre.image, channels=self.settings.channels)
         lap("preprocess")
+        name = self.checkpoint_path or type(self.model).__name__
         with _torch_threads(self.threads if self.device.type == "cpu" else None):
-            probs = predict_slices(self.backend, slices, self.settings.image_size, self.batch_size, self.device)
+            probs = predict_slices(self.backend, slices, self.settings.image_size, self.batch_size, self.device, name)
         lap("network")
         stacked = probs[:, 0].permute(1, 2, 0)[None]  # (1, h, w, Z')
         back = invert(stacked, pre)
@@ -854,14 +956,18 @@ class Segmenter:
         Raises:
             InputError: bad input, output not ``.nii``/``.nii.gz``, or output exists without ``overwrite``.
         """
+        from mkd.utils import check_free_space, check_writable
+
         output = Path(output)
         _check_output(output)
         if output.exists() and not overwrite:
             raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
         if Path(input).resolve() == output.resolve():
             raise InputError(output, "output would overwrite the input")
+        check_writable(output.parent, "mask")  # before the work, not after segmenting the whole volume
         t0 = time.perf_counter()
         vol = load_volume(input)
+        check_free_space(output.parent, mask_bytes(vol.shape, output), "mask")
         load_s = time.perf_counter() - t0
         result = self.segment(vol)
         result.timings = {"load": load_s, **{k: v for k, v in result.timings.items() if k != "load"}}
@@ -933,6 +1039,9 @@ def check_folder_job(
         raise InputError(output_dir, "is a file; with a folder --input, --output must be a folder")
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(output_dir, "output folder is the input folder; masks would overwrite the CTs")
+    from mkd.utils import check_writable
+
+    check_writable(output_dir, "masks")
     existing = [output_dir / v.name for v in volumes if (output_dir / v.name).exists()]
     if existing and not (overwrite or skip_existing):
         raise MkdError(

@@ -21,6 +21,9 @@ __all__ = [
     "umask_mode",
     "seed_everything",
     "resolve_device",
+    "DEVICE_CHOICES",
+    "check_writable",
+    "check_free_space",
     "PlainState",
 ]
 
@@ -133,13 +136,96 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
+#: what ``--device`` accepts
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | None = None) -> torch.device:  # noqa: F821
-    """Return ``torch.device(device)``; ``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    """Return the ``torch.device`` for ``--device``; ``None`` or ``"auto"`` picks CUDA when present, else CPU.
+
+    Raises:
+        MkdError: an unknown device (``--device banana``), or CUDA asked for on a machine without it
+            (or a GPU index it does not have); the message names ``--device`` and its valid values.
+    """
     import torch
 
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        text = str(device).strip().lower()
+        try:
+            dev = torch.device(text)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise MkdError(f"--device {device}: unknown device; valid values: {DEVICE_CHOICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MkdError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise MkdError(
+                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                f"valid values: {DEVICE_CHOICES}"
+            )
+    return dev
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
+    """Make sure files can be written in ``folder`` (or created under its nearest existing parent) before any work.
+
+    A probe file is created and removed (``os.access`` is not enough on read-only mounts);
+    nothing else is created.
+
+    Returns:
+        the folder.
+
+    Raises:
+        MkdError: the folder, or its nearest existing parent, is a file or is not writable.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        fd, name = tempfile.mkstemp(prefix=".mkd-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        where = folder if probe == folder else f"{folder} (in {probe})"
+        raise MkdError(f"{where}: cannot write the {what} here ({why}); choose another folder") from None
+    return folder
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str = "output") -> None:
+    """Refuse to start when ``folder``'s file system has less than ``needed`` bytes free (``shutil.disk_usage``).
+
+    Raises:
+        MkdError: too little free space; the message gives both sizes.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise MkdError(
+            f"{folder}: {_size(free)} free, about {_size(needed)} needed for the {what}; free some space or "
+            "choose another folder"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 class PlainState:

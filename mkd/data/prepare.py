@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mkd.data.checks import check_finite, check_resampled_size, check_spacing, warn_if_not_ct
 from mkd.data.decathlon import Case, case_id, read_task
 from mkd.data.split import SPLITS, read_split_file, split_patients, student_subset
 from mkd.errors import InputError, MkdError
@@ -100,22 +101,24 @@ def _load_nifti(d: dict, keys: Sequence[str]) -> dict:
     return d
 
 
-def _check_image(image, path: Path) -> None:
-    """A 3D volume without NaN voxels, else an InputError naming ``path``."""
-    import torch
+def _check_image(image, path: Path, spacing: Sequence[float] | None = None) -> None:
+    """A 3D volume of finite voxels whose resampled grid is sane, else an InputError naming ``path``.
 
+    Intensities that do not look like CT in HU are logged as a warning.
+    """
     if image.ndim != 3:
         raise InputError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
-    nan = int(torch.isnan(image).sum())
-    if nan:
-        raise InputError(path, f"{nan} NaN voxel(s)")
+    check_finite(image, path)
+    check_resampled_size(image.shape, np.asarray(image.affine, float), spacing, path)
+    warn_if_not_ct(image, path)
 
 
-def _load_checked(case: Case, label_value: int | None) -> dict:
+def _load_checked(case: Case, label_value: int | None, spacing: Sequence[float] | None = None) -> dict:
     """Load one case with MONAI's LoadImaged and check it; every problem names the file."""
     d = _load_nifti({"image": str(case.image), "label": str(case.label)}, ("image", "label"))
     image, label = d["image"], d["label"]
-    _check_image(image, case.image)
+    _check_image(image, case.image, spacing)
+    check_finite(label, case.label, "label value")
     if tuple(label.shape) != tuple(image.shape):
         raise InputError(
             case.label, f"shape {tuple(label.shape)} does not match its image {tuple(image.shape)} ({case.image.name})"
@@ -131,6 +134,9 @@ def _load_checked(case: Case, label_value: int | None) -> dict:
                 case.label,
                 f"label values {_fmt_values(values)}; expected {{0, 1}} (pass --label-value N to segment label N)",
             )
+        if 1.0 not in set(values.tolist()):
+            logger.warning("%s: the label is empty (no foreground voxel); its volume teaches only background",
+                           case.label)  # fmt: skip
     elif label_value not in set(values.tolist()):
         logger.warning("%s: no voxel has label value %d; the mask is empty", case.label, label_value)
     return d
@@ -257,7 +263,8 @@ def prepare_dataset(
         size: in-plane size of the stored slices.
         channels: ``"replicate"`` (3 copies) or ``"2.5d"`` (slices z-1, z, z+1).
         window: HU window ``(low, high)`` -> [0, 1], or ``"max"`` (per-volume ``x / max``).
-        spacing: resample to this voxel size (mm, x, y, z) first; non-positive entries keep an axis.
+        spacing: resample to this voxel size (mm, x, y, z) first; 0 keeps an axis (negative values are refused,
+            and so is a spacing that would make a grid of more than :data:`mkd.data.checks.MAX_VOXELS` voxels).
         keep: ``"all"`` slices, or ``"organ"``: for training patients only the slices within ``margin``
             of a foreground slice (validation and test keep every slice).
         margin: slices kept on each side of the organ with ``keep="organ"``.
@@ -299,6 +306,7 @@ def prepare_dataset(
         window = parse_window(window) if window != "max" else "max"
     except ValueError as err:
         raise MkdError(str(err)) from None
+    spacing = check_spacing(spacing)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
 
@@ -340,7 +348,7 @@ def prepare_dataset(
         (tmp / "labels").mkdir()
         for n, pid in enumerate(order):
             case, name = by_id[pid], split_of[pid]
-            d, geometry = _run_volume(_load_checked(case, label_value), compose, resize_at)
+            d, geometry = _run_volume(_load_checked(case, label_value, spacing), compose, resize_at)
             image, label = d["image"], d["label"]
             lab = (label[0].numpy() > 0.5).astype(np.uint8)  # (H, W, Z)
             fg_per_z = lab.reshape(-1, lab.shape[-1]).sum(0)
@@ -349,7 +357,9 @@ def prepare_dataset(
             if len(rows) == 0:
                 logger.warning("%s: no foreground slice; nothing kept with --keep organ", pid)
             else:
-                img = volume_to_slices(image, channels, rows).astype(np.float16)
+                img = volume_to_slices(image, channels, rows)
+                check_finite(img, case.image, "slice value")  # no NaN ever reaches a slice file
+                img = img.astype(np.float16)
                 lbl = np.ascontiguousarray(np.moveaxis(lab, -1, 0)[rows][:, None])
                 np.save(tmp / "images" / f"{pid}.npy", img)
                 np.save(tmp / "labels" / f"{pid}.npy", lbl)
@@ -385,11 +395,13 @@ def prepare_dataset(
                 progress(pid, n + 1, total)
         for n, (pid, path) in enumerate(unlabelled_ids, start=len(order)):
             d = _load_nifti({"image": str(path)}, ("image",))
-            _check_image(d["image"], path)
+            _check_image(d["image"], path, spacing)
             d, geometry = _run_volume(d, compose_image, resize_at_image)
             image = d["image"]
             rows = np.arange(image.shape[-1])  # every slice: there is no mask to select by
-            np.save(tmp / "images" / f"{pid}.npy", volume_to_slices(image, channels, rows).astype(np.float16))
+            img = volume_to_slices(image, channels, rows)
+            check_finite(img, path, "slice value")
+            np.save(tmp / "images" / f"{pid}.npy", img.astype(np.float16))
             for row, z in enumerate(rows.tolist()):
                 datalist[UNLABELLED_KEY].append({"image": f"images/{pid}.npy", "patient": pid, "slice": row, "z": z})
             unlabelled_volumes[pid] = {

@@ -48,6 +48,9 @@ def validation_quality(
 
     Returns:
         ``{"dice", "recall", "precision", "ece", "background_median", "foreground_median", "slices"}``.
+
+    Raises:
+        MkdError: the network's output is NaN or infinite.
     """
     from mkd.metrics import metrics_from_counts
     from mkd.metrics.calibration import expected_calibration_error, logit_summary
@@ -66,6 +69,14 @@ def validation_quality(
         network.train(was_training)
     z = np.concatenate(logits)
     y = np.concatenate(labels)
+    bad = int((~np.isfinite(z)).sum())
+    if bad:
+        from mkd.errors import MkdError
+
+        raise MkdError(
+            f"the network's output holds {bad} NaN or infinite value(s) on {z.shape[0]} validation slices; its "
+            "weights are broken (a diverged run?): retrain it or use an earlier checkpoint"
+        )
     pred = z > 0
     counts = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
     pooled = metrics_from_counts(*counts)
@@ -136,7 +147,12 @@ class TeacherCheck:
 
     def check(self, engine: Engine | None = None) -> dict[str, Any]:
         """Measure the teacher (and the baseline student); log one line; warn when the teacher is not better."""
-        teacher = validation_quality(self.teacher, self.data_loader, self.device)
+        from mkd.errors import MkdError
+
+        try:
+            teacher = validation_quality(self.teacher, self.data_loader, self.device)
+        except MkdError as err:
+            raise MkdError(f"teacher check: {err}") from None
         self.report["teacher"] = teacher
         logger.info(
             "teacher on %d validation slices: pooled Dice %.3f (recall %.3f, precision %.3f), ECE %.3f, "

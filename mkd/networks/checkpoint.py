@@ -143,6 +143,43 @@ def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str
     return dict(state)
 
 
+def _check_weights(path: Path, info: NetworkInfo, state: Mapping[str, Any]) -> None:
+    """Refuse NaN / infinite weights, and metadata describing a network far larger than the weights, before building.
+
+    The network is first built on PyTorch's meta device (nothing allocated): a checkpoint whose
+    ``network.kwargs`` ask for, say, 60 GB of parameters while the file holds a few MB is refused
+    instead of exhausting the memory.
+
+    Raises:
+        InputError: naming the file, with the count of bad weights or the two sizes.
+    """
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        raise InputError(
+            path,
+            f"{sum(bad.values())} weight(s) are NaN or infinite, in {len(bad)} tensor(s) (first: {first}); the run "
+            "diverged or the file is damaged: retrain, or use an earlier checkpoint",
+        )
+    if info.name not in NETWORKS:
+        return
+    try:
+        with torch.device("meta"):
+            wanted = sum(v.numel() for v in info.build().state_dict().values())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(path, f"cannot rebuild {info.name!r} from its kwargs {info.kwargs}: {err}") from None
+    held = sum(v.numel() for v in tensors.values())
+    if wanted > 2 * held + 1_000_000:
+        raise InputError(
+            path,
+            f"its network metadata ({info.name!r}, kwargs {info.kwargs}) describes {wanted / 1e6:.1f} M values "
+            f"({wanted * 4 / 2**30:.1f} GB as float32) but the file holds {held / 1e6:.1f} M; refused before "
+            "allocating: the metadata does not match the weights",
+        )
+
+
 def load_network(
     path: str | os.PathLike,
     expected: str | Sequence[str] | None = None,
@@ -196,12 +233,14 @@ def load_network(
         raise InputError(path, f"holds an unknown network {info.name!r}; known: {', '.join(NETWORKS)}")
     if wanted is not None and info.name not in wanted:
         raise InputError(path, f"holds a {info.name!r} network; expected {' or '.join(repr(w) for w in wanted)}")
+    state = _strip_prefix(state)
+    _check_weights(path, info, state)
     try:
         model = info.build()
     except (TypeError, ValueError) as err:
         raise InputError(path, f"cannot rebuild {info.name!r} from its kwargs {info.kwargs}: {err}") from err
     try:
-        model.load_state_dict(_strip_prefix(state), strict=strict)
+        model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
         lines = str(err).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[:3])

@@ -535,7 +535,7 @@ def _figures(runs, summary, volume, tmp, output_dir, files, notes, qualitative, 
         csv = Path(block["run_dir"].iloc[0]) / "metrics.csv"
         if csv.is_file():
             seed = block["seed"].iloc[0]
-            put(f"curves:{method}", f"figures/curves/{_slug(method)}.png", plot_training_curves, pd.read_csv(csv),
+            put(f"curves:{method}", f"figures/curves/{_slug(method)}.png", plot_training_curves, read_metrics(csv),
                 title=f"{method} (seed {seed})")  # fmt: skip
         else:
             notes.append(f"training curves of {method}: no metrics.csv in {block['run_dir'].iloc[0]}")
@@ -550,7 +550,7 @@ def _figures(runs, summary, volume, tmp, output_dir, files, notes, qualitative, 
             for d in runs.loc[runs["method"] == m, "run_dir"]:
                 p = Path(d) / "metrics.csv"
                 if p.is_file():
-                    df = pd.read_csv(p)
+                    df = read_metrics(p)
                     if KEY_METRIC in df:
                         logs.append(df.set_index("epoch")[KEY_METRIC])
             if logs:
@@ -593,6 +593,24 @@ def _pick_slices(data_dir: Path, n: int) -> list[dict]:
         picked += list(rest.itertuples(index=False))[: n - len(picked)]
     items = {(d["patient"], int(d["slice"])): d for d in load_split(data_dir, "test")}
     return [items[(str(r.patient), int(r.row))] for r in picked]
+
+
+def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
+    """A run's ``metrics.csv`` (one row per epoch, an ``epoch`` column).
+
+    Raises:
+        InputError: the file is empty, not a CSV table, or has no ``epoch`` column; the message
+            says to re-run the run or delete the file.
+    """
+    todo = "re-run that run, or delete the file to report without its training curves"
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"empty or not a CSV table ({why}); {todo}") from None
+    if "epoch" not in df.columns or df["epoch"].isna().any():
+        raise InputError(path, f"no 'epoch' column (or empty epochs): not a metrics.csv written by mkd; {todo}")
+    return df
 
 
 def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device, recon: bool = False):
