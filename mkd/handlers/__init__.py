@@ -21,6 +21,7 @@ from mkd.handlers.distillation import (
 )
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
+from mkd.handlers.schedule import SmoothedEarlyStopping, steps_per_epoch
 from mkd.handlers.teacher_check import TeacherCheck, validation_quality
 
 __all__ = [
@@ -46,4 +47,6 @@ __all__ = [
     "ReconstructionLossHandler",
     "ReconstructionOutputHandler",
     "TrainingProgressBar",
+    "SmoothedEarlyStopping",
+    "steps_per_epoch",
 ]
