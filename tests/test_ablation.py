@@ -82,6 +82,32 @@ def test_expansion_options_and_labels():
     assert twice.count()["distill"] == 4 and twice["distill-s1-t1-bn-contrastive-f0.5-seed0"].groups == ["A", "B"]
 
 
+def test_self_training_and_the_all_labels_reference(tmp_path):
+    block = {"teacher": ["t1", "self"], "student": "s1", "scales": "bn", "pmd": True, "recipe": "transfer",
+             "transfer": True, "data_fraction": 0.5}  # fmt: skip
+    grid = expand_grid({**SMALL, "data_fractions": [0.5, 1.0], "distill": [block]})
+    own = grid["distill-s1-self-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
+    kd = grid["distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
+    # the baseline of the same seed and data is the teacher: it runs first, and is accepted as a teacher
+    assert own.teacher == own.baseline == own.depends_on == "student-s1-f0.5-seed0" and own.teacher_arch == "s1"
+    assert own.method == "Self-training(S1) B+PMD (transfer recipe) +transfer"
+    order = [r.id for r in grid.runs]
+    assert order.index(own.baseline) < order.index(own.id)
+    # the student trained on all labels is passed to the teacher check once it has run
+    assert kd.reference == own.reference == "student-s1-f1.0-seed0"
+    assert "reference_ckpt" not in kd.bundle_overrides(tmp_path)
+    (tmp_path / kd.reference / "models").mkdir(parents=True)
+    (tmp_path / kd.reference / "models" / "model.pt").write_bytes(b"")
+    (tmp_path / own.baseline / "models").mkdir(parents=True)
+    (tmp_path / own.baseline / "models" / "model.pt").write_bytes(b"")
+    over = own.bundle_overrides(tmp_path)
+    assert over["allow_student_teacher"] is True and over["teacher_ckpt"] == over["baseline_ckpt"]
+    assert over["reference_ckpt"] == str((tmp_path / kd.reference / "models" / "model.pt").resolve())
+    assert "allow_student_teacher" not in kd.bundle_overrides(tmp_path)
+    with pytest.raises(MkdError, match="set by the grid itself"):
+        expand_grid({**SMALL, "settings": {"distill": {"reference_ckpt": "x.pt"}}})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -82,12 +82,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "temperature": 0.4,
         "pmd_temperature": 1.0,
         "neighbour_distance": 3,
+        "transfer": False,
     },
     "thesis": {
         "weights": dict(THESIS_WEIGHTS),
         "temperature": 0.4,
         "pmd_temperature": 4.0,
         "neighbour_distance": 0,
+        "transfer": False,
+    },
+    # chosen for "half the labels + distillation vs all labels" (docs/distill.md, "Labels saved") before
+    # grids/kd_labels_cpu.yaml ran on seeds 30-34: the recommended B+PMD terms plus the unlabelled transfer
+    # set, the one row of grids/kd_cpu.yaml above the baseline on validation (seeds 0-2)
+    "transfer": {
+        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
+        "temperature": 0.4,
+        "pmd_temperature": 1.0,
+        "neighbour_distance": 3,
+        "transfer": True,
     },
 }
 DEFAULT_RECIPE = "recommended"
