@@ -149,6 +149,15 @@ def test_shipped_grids_mirror_the_thesis_tables():
             and not r.settings} == {"teacher-t1-seed0"}  # fmt: skip
     assert {r.method for r in confirm.runs} == {"T1", "S1", "KD(T1,S1) B+PMD (recommended recipe)",
                                                 "KD(T1,S1) B+PMD (thesis recipe)"}  # fmt: skip
+    # half the labels + distillation against all labels: every student run takes the same steps
+    labels = load_grid(ROOT / "grids" / "kd_labels_cpu.yaml")
+    assert labels.seeds == [30, 31, 32, 33, 34] and labels.count() == {"teacher": 1, "student": 10, "distill": 15}
+    assert {r.method for r in labels.runs} == {
+        "T1", "S1", "S1 (100%)", "KD(T1,S1) B+PMD (transfer recipe) +transfer",
+        "Self-training(S1) B+PMD (transfer recipe) +transfer", "KD(T1,S1) B+PMD (recommended recipe)"}  # fmt: skip
+    assert all(
+        "epoch_splits" not in r.settings and "epochs" not in r.settings for r in labels.runs if r.kind != "teacher"
+    )
 
 
 def _write_grid(tmp_path: Path, config: dict) -> Path:

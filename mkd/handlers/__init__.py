@@ -18,6 +18,7 @@ from mkd.handlers.distillation import (
     pool_spatial,
     pools_features,
     recipe_setting,
+    transfer_split,
 )
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
@@ -33,6 +34,7 @@ __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
     "recipe_setting",
+    "transfer_split",
     "build_projector",
     "distillation_weights",
     "distillation_terms",

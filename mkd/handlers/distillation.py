@@ -60,6 +60,7 @@ __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
     "recipe_setting",
+    "transfer_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,30 @@ def recipe_setting(recipe: str, key: str) -> Any:
         raise ValueError(f"recipe setting {key!r} is not known; expected one of "
                          f"{sorted(k for k in settings if k != 'weights')}.")  # fmt: skip
     return settings[key]
+
+
+def transfer_split(dataset_dir: str | os.PathLike, transfer: bool) -> list[dict]:
+    """The unlabelled transfer set of a distillation run (``load_split(dataset_dir, "transfer")``), said in one line.
+
+    Args:
+        dataset_dir: a folder written by ``mkd prepare``.
+        transfer: the run's ``transfer`` setting (its recipe's by default).
+
+    Returns:
+        The transfer items (no ``label`` key), or ``[]`` when ``transfer`` is off.
+    """
+    if not transfer:
+        return []
+    from mkd.data import load_split
+
+    items = load_split(dataset_dir, "transfer")
+    if items:
+        logger.info("transfer set on: the student also learns from the teacher on %d unlabelled slices (training "
+                    "patients outside its half and imagesTs; their labels are never read)", len(items))  # fmt: skip
+    else:
+        logger.info("transfer set on, but %s has no unlabelled slices: the student learns from its labelled "
+                    "slices only", dataset_dir)  # fmt: skip
+    return items
 
 
 def _term_pools(loss: Any, projector_kind: str | None) -> bool:
