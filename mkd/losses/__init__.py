@@ -12,6 +12,7 @@ feature loss. A new distillation loss needs no entry here to be used: declare it
 from __future__ import annotations
 
 from mkd.losses.cwd import CWDLoss
+from mkd.losses.dist import DISTLoss
 from mkd.losses.feature_mse import FeatureMSELoss
 from mkd.losses.infonce import InfoNCELoss, sample_locations
 from mkd.losses.labelled import LabelledOnly, labelled_mask
@@ -24,6 +25,7 @@ LOSSES: dict[str, type] = {
     "contrastive": InfoNCELoss,
     "mse": FeatureMSELoss,
     "cwd": CWDLoss,
+    "dist": DISTLoss,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "PMDLoss",
     "FeatureMSELoss",
     "CWDLoss",
+    "DISTLoss",
     "LabelledOnly",
     "labelled_mask",
     "sample_locations",
