@@ -11,6 +11,7 @@ feature loss. A new distillation loss needs no entry here to be used: declare it
 
 from __future__ import annotations
 
+from mkd.losses.affinity import PairwiseAffinityLoss
 from mkd.losses.cwd import CWDLoss
 from mkd.losses.dist import DISTLoss
 from mkd.losses.feature_mse import FeatureMSELoss
@@ -26,6 +27,7 @@ LOSSES: dict[str, type] = {
     "mse": FeatureMSELoss,
     "cwd": CWDLoss,
     "dist": DISTLoss,
+    "affinity": PairwiseAffinityLoss,
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "FeatureMSELoss",
     "CWDLoss",
     "DISTLoss",
+    "PairwiseAffinityLoss",
     "LabelledOnly",
     "labelled_mask",
     "sample_locations",
