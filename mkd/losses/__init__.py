@@ -18,6 +18,7 @@ from mkd.losses.feature_mse import FeatureMSELoss
 from mkd.losses.infonce import InfoNCELoss, sample_locations
 from mkd.losses.labelled import LabelledOnly, labelled_mask
 from mkd.losses.pmd import PMDLoss
+from mkd.losses.region_affinity import RegionAffinityLoss
 
 #: distillation losses by name: ``contrastive`` (InfoNCE, the thesis), ``mse`` (FitNets feature regression),
 #: ``cwd`` (channel-wise distribution, features or logits), ``dist`` (Pearson relations, logits only),
@@ -28,6 +29,7 @@ LOSSES: dict[str, type] = {
     "cwd": CWDLoss,
     "dist": DISTLoss,
     "affinity": PairwiseAffinityLoss,
+    "region_affinity": RegionAffinityLoss,
 }
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "CWDLoss",
     "DISTLoss",
     "PairwiseAffinityLoss",
+    "RegionAffinityLoss",
     "LabelledOnly",
     "labelled_mask",
     "sample_locations",
