@@ -395,3 +395,24 @@ def test_resolving_a_loss_named_by_a_string():
     assert type(terms["affinity_bn"]["loss"]).__name__ == "PairwiseAffinityLoss"
     with pytest.raises(ValueError, match=r"loss='dist' \(DISTLoss\) compares predictions, not feature scales"):
         distillation_terms({"seg": 1.0, "bn": 0.2}, loss="dist")
+
+
+def test_the_diagnosis_grids_declared_terms_reach_the_bundle_as_plain_data():
+    """grids/kd_cpu.yaml names the new losses by string in settings.terms; the distill bundle resolves them."""
+    from pathlib import Path
+
+    from mkd.ablation import load_grid
+    from mkd.bundle import bundle_configs, compose_config
+    from mkd.handlers import resolve_terms
+
+    grid = load_grid(Path(__file__).parents[2] / "grids" / "kd_cpu.yaml")
+    runs = {r.id.split("-")[-2]: r for r in grid.runs if r.kind == "distill" and "terms" in r.settings}
+    assert set(runs) >= {"cwd", "dist", "affinity", "region"}
+    for tag, run in runs.items():
+        assert "_target_" not in str(run.settings["terms"])
+        parser = compose_config(bundle_configs("distill", "cpu"), run.bundle_overrides("runs"))
+        terms = resolve_terms(parser.get_parsed_content("distill_terms"))
+        assert {"contrastive_bn", "pmd"} < set(terms), tag  # added to the recommended B+PMD recipe
+        assert parser.get_parsed_content("teacher_cache#logits")  # PMD, and region affinity's teacher logits
+        # the affinity terms need the teacher's bn maps, not vectors
+        assert parser.get_parsed_content("teacher_cache#pool") == (tag in ("cwd", "dist")), tag
