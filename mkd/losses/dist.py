@@ -14,8 +14,9 @@ __all__ = ["DISTLoss", "pearson_distance"]
 def pearson_distance(u: torch.Tensor, v: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """``1 - rho(u, v)`` along ``dim``, with ``rho`` the Pearson correlation coefficient.
 
-    ``rho = sum((u - mean u)(v - mean v)) / (||u - mean u|| * ||v - mean v|| + eps)``: a constant
-    vector correlates 0 with anything (distance 1) instead of giving NaN.
+    ``rho = sum((u - mean u)(v - mean v)) / max(||u - mean u|| * ||v - mean v||, eps)``: a constant
+    vector correlates 0 with anything (distance 1) instead of giving NaN. (Sums of squares rather than
+    ``norm``: a norm over the short class dim is several times slower on a CPU.)
 
     Example:
         >>> pearson_distance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])).item() < 1e-6
@@ -23,7 +24,7 @@ def pearson_distance(u: torch.Tensor, v: torch.Tensor, dim: int = -1, eps: float
     """
     u = u - u.mean(dim, keepdim=True)
     v = v - v.mean(dim, keepdim=True)
-    rho = (u * v).sum(dim) / (u.norm(dim=dim) * v.norm(dim=dim) + eps)
+    rho = (u * v).sum(dim) / ((u * u).sum(dim) * (v * v).sum(dim)).clamp_min(eps * eps).sqrt()
     return 1 - rho
 
 
