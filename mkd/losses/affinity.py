@@ -42,11 +42,14 @@ class PairwiseAffinityLoss(_Loss):
 
         L = 1 / N**2 * sum_i sum_j (a^s_ij - a^t_ij)**2,   averaged over the batch.
 
-    **Nodes and memory.** The matrix is ``N x N`` per slice, so each map is first
-    average-pooled to at most ``spatial_size`` per spatial dim (a node is then the mean
-    feature of a patch, the paper's coarser node granularity): with the default 24, at most
-    576 nodes, a ``576 x 576`` matrix (1.3 MiB in float32) per slice. ``None`` keeps every
-    location (a 96 x 96 map would need 9216**2 floats, 340 MiB, per slice).
+    **Nodes and cost.** The matrix is ``N x N`` per slice and costs ``N**2 * C`` multiply-adds,
+    so each map is first average-pooled to at most ``spatial_size`` per spatial dim (a node is
+    then the mean feature of a patch, the paper's coarser node granularity). The default 12
+    gives at most 144 nodes: the student's 24 x 24 bottleneck in 2 x 2 patches, a 96 x 96
+    decoder map in 8 x 8 patches. ``spatial_size=24`` keeps the bottleneck's every location
+    (576 nodes, 16 times the multiply-adds: on two CPU cores that more than doubles a
+    training step, see docs/losses.md); ``None`` keeps every location of any map (a 96 x 96
+    map would need 9216**2 floats, 340 MiB, per slice).
 
     **Raw features.** Affinities are comparable across channel counts, so the term uses the
     *raw* student and teacher features of its scale (``projected = False``: the
@@ -81,7 +84,7 @@ class PairwiseAffinityLoss(_Loss):
     inputs = ("features",)
 
     def __init__(
-        self, spatial_size: int | Sequence[int] | None = 24, projected: bool = False, reduction: str = "mean"
+        self, spatial_size: int | Sequence[int] | None = 12, projected: bool = False, reduction: str = "mean"
     ) -> None:
         super().__init__(reduction=check_reduction(reduction))
         sizes = [] if spatial_size is None else [spatial_size] if isinstance(spatial_size, int) else spatial_size

@@ -41,6 +41,8 @@ def test_nodes_are_pooled_to_bound_memory():
     assert node_features(feat, 24).shape == (2, 4, 576)
     assert node_features(feat, None).shape == (2, 4, 9216)
     assert node_features(torch.randn(1, 4, 6, 30), 24).shape == (1, 4, 6 * 24)  # only larger dims shrink
+    # the default: the student's 24 x 24 bottleneck in 2 x 2 patches, 144 nodes
+    assert PairwiseAffinityLoss().affinity(torch.randn(2, 64, 24, 24)).shape == (2, 144, 144)
     # pooling first is the loss of the pooled maps
     s, t = torch.randn(1, 3, 8, 8), torch.randn(1, 2, 8, 8)
     pooled = PairwiseAffinityLoss(spatial_size=None)(
