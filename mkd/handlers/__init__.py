@@ -18,6 +18,8 @@ from mkd.handlers.distillation import (
     pool_spatial,
     pools_features,
     recipe_setting,
+    resolve_loss,
+    resolve_terms,
     transfer_split,
 )
 from mkd.handlers.progress import TrainingProgressBar
@@ -43,6 +45,8 @@ __all__ = [
     "load_teacher",
     "pool_spatial",
     "pools_features",
+    "resolve_loss",
+    "resolve_terms",
     "EpochCSVLogger",
     "LOSS_TERMS_KEY",
     "RECON_KEY",
