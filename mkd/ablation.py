@@ -450,10 +450,10 @@ def expand_grid(config: Mapping[str, Any], profile: str | None = None, seed_offs
         recipe_list = _as_list(block["recipe"]) if named_recipe else [default_recipe]
         transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
-        from mkd.losses import LOSSES
+        from mkd.losses import FEATURE_LOSSES
         from mkd.losses.infonce import MODES
 
-        for v, allowed, name in ((loss_list, tuple(LOSSES), "loss"), (mode_list, MODES, "mode")):
+        for v, allowed, name in ((loss_list, FEATURE_LOSSES, "loss"), (mode_list, MODES, "mode")):
             bad = [x for x in v if x not in allowed]
             if bad:
                 raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")

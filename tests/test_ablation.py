@@ -121,6 +121,7 @@ def test_self_training_and_the_all_labels_reference(tmp_path):
         ({"profile": "gpu"}, "profile must be"),
         ({"recipe": "best"}, "recipe must be one of"),
         ({"distill": [{"scales": "bn", "recipe": "best"}]}, "recipe 'best' is not one of"),
+        ({"distill": [{"scales": "bn", "loss": "dist"}]}, "loss 'dist' is not one of contrastive, mse, cwd"),
         ({"distill": [{"scales": "bn", "transfer": "yes"}]}, "transfer must be true, false"),
     ],
 )

@@ -32,8 +32,15 @@ LOSSES: dict[str, type] = {
     "region_affinity": RegionAffinityLoss,
 }
 
+#: the names of :data:`LOSSES` that apply to a feature scale: the choices of ``--loss`` and a grid's ``loss``
+#: (a logits-only loss such as ``dist`` is declared as a term on ``"logits"`` instead)
+FEATURE_LOSSES: tuple[str, ...] = tuple(
+    n for n, c in LOSSES.items() if "features" in getattr(c, "inputs", ("features",))
+)
+
 __all__ = [
     "LOSSES",
+    "FEATURE_LOSSES",
     "InfoNCELoss",
     "PMDLoss",
     "FeatureMSELoss",
