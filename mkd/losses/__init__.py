@@ -19,10 +19,12 @@ from mkd.losses.infonce import InfoNCELoss, sample_locations
 from mkd.losses.labelled import LabelledOnly, labelled_mask
 from mkd.losses.pmd import PMDLoss
 from mkd.losses.region_affinity import RegionAffinityLoss
+from mkd.losses.soft_dice import SoftDiceKD
 
 #: distillation losses by name: ``contrastive`` (InfoNCE, the thesis), ``mse`` (FitNets feature regression),
 #: ``cwd`` (channel-wise distribution, features or logits), ``dist`` (Pearson relations, logits only),
-#: ``affinity`` (pair-wise location affinity, raw features), ``region_affinity`` (EMKD, raw features + labels)
+#: ``affinity`` (pair-wise location affinity, raw features), ``region_affinity`` (EMKD, raw features + labels),
+#: ``soft_dice`` (batch Dice against the teacher's prediction, logits only)
 LOSSES: dict[str, type] = {
     "contrastive": InfoNCELoss,
     "mse": FeatureMSELoss,
@@ -30,6 +32,7 @@ LOSSES: dict[str, type] = {
     "dist": DISTLoss,
     "affinity": PairwiseAffinityLoss,
     "region_affinity": RegionAffinityLoss,
+    "soft_dice": SoftDiceKD,
 }
 
 #: the names of :data:`LOSSES` that apply to a feature scale: the choices of ``--loss`` and a grid's ``loss``
@@ -39,6 +42,7 @@ FEATURE_LOSSES: tuple[str, ...] = tuple(
 )
 
 __all__ = [
+    "SoftDiceKD",
     "LOSSES",
     "FEATURE_LOSSES",
     "InfoNCELoss",
