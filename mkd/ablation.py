@@ -63,6 +63,10 @@ KINDS = BUNDLES
 #: scale order in ids and labels: the thesis writes B -> B + E -> E + D -> D.
 SCALE_ORDER = ("bn", "enc", "dec")
 SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
+#: the teacher name of a self-training block: the block's own baseline student (same seed and
+#: data) teaches a fresh student, on the same terms as a teacher would: the control that
+#: separates "the teacher knows more" from "more images" (docs/distill.md).
+SELF = "self"
 #: data fraction -> datalist split: 0.5 is the prepared ``student`` list (its share is
 #: ``mkd prepare --student-fraction``), 1.0 all training patients.
 FRACTIONS = {0.5: "student", 1.0: "training"}
@@ -83,7 +87,7 @@ _SETTINGS_KEYS = {"all", "teacher", "student", "distill"}
 _RESERVED = {
     "arch", "train_split", "teacher_ckpt", "scales", "pmd", "feature_loss", "contrastive_mode",
     "weight_overrides", "seed", "output_dir", "dataset_dir", "bundle_root", "resume", "recipe", "transfer",
-    "baseline_ckpt",
+    "baseline_ckpt", "reference_ckpt", "allow_student_teacher",
 }  # fmt: skip
 #: run.json fields that must agree between a finished run and the grid that asks for it.
 _IDENTITY = ("kind", "arch", "teacher", "scales", "loss", "pmd", "mode", "data_fraction", "seed", "profile",
@@ -137,6 +141,13 @@ class RunSpec:
     transfer: bool = False
 
     @property
+    def reference(self) -> str | None:
+        """The run id of the baseline's student trained on all training labels (same arch, seed, profile)."""
+        if self.baseline is None or f"-f{self.data_fraction}-" not in self.baseline:
+            return None
+        return self.baseline.replace(f"-f{self.data_fraction}-", "-f1.0-")
+
+    @property
     def depends_on(self) -> str | None:
         """The run that must be done first (the teacher of a distillation run)."""
         return self.teacher if self.kind == "distill" else None
@@ -184,9 +195,14 @@ class RunSpec:
             )
             if self.recipe is not None:
                 out["recipe"] = self.recipe
+            if self.teacher == self.baseline:  # self-training: a student checkpoint teaches, on purpose
+                out["allow_student_teacher"] = True
             baseline_ckpt = Path(runs_dir).resolve() / str(self.baseline) / "models" / "model.pt"
             if baseline_ckpt.is_file():  # for the teacher check's warning only (docs/distill.md)
                 out["baseline_ckpt"] = str(baseline_ckpt)
+            reference = Path(runs_dir).resolve() / self.reference / "models" / "model.pt" if self.reference else None
+            if reference is not None and reference.is_file():  # the same student trained on all labels
+                out["reference_ckpt"] = str(reference)
         return out
 
 
@@ -469,7 +485,7 @@ def expand_grid(
         group = str(block.get("table", f"block {i + 1}"))
         t_keys = [str(t) for t in _as_list(block.get("teacher", list(teachers)))]
         s_keys = [str(s) for s in _as_list(block.get("student", list(students)))]
-        for k, known, what in ((t_keys, teachers, "teachers"), (s_keys, students, "students")):
+        for k, known, what in ((t_keys, {**teachers, SELF: {}}, "teachers"), (s_keys, students, "students")):
             bad = [x for x in k if x not in known]
             if bad:
                 raise MkdError(f"{where}: {bad} not under {what} ({', '.join(known)})")
@@ -482,10 +498,10 @@ def expand_grid(
         recipe_list = _as_list(block["recipe"]) if named_recipe else [default_recipe]
         transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
-        from mkd.losses import LOSSES
+        from mkd.losses import FEATURE_LOSSES
         from mkd.losses.infonce import MODES
 
-        for v, allowed, name in ((loss_list, tuple(LOSSES), "loss"), (mode_list, MODES, "mode")):
+        for v, allowed, name in ((loss_list, FEATURE_LOSSES, "loss"), (mode_list, MODES, "mode")):
             bad = [x for x in v if x not in allowed]
             if bad:
                 raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")
@@ -510,11 +526,13 @@ def expand_grid(
                 distillation_weights(scales, weights, pmd=pmd, recipe=recipe or "thesis")
             except ValueError as err:
                 raise MkdError(f"{where}.weights: {err}") from None
-            teacher = teacher_run(tkey, seed)
             baseline = student_run(skey, fraction, seed)
+            # self-training: the baseline student of the same seed teaches a fresh copy of itself
+            teacher = baseline if tkey == SELF else teacher_run(tkey, seed)
             scale_tag = "+".join(scales) + ("+pmd" if pmd and scales else "pmd" if pmd else "")
             letters = "+".join(SCALE_LETTERS[s] for s in scales) + ("+PMD" if pmd and scales else "PMD" if pmd else "")
-            method = f"KD({_label(tkey, teacher.arch)},{_label(skey, baseline.arch)}) {letters}"
+            method = (f"Self-training({_label(skey, baseline.arch)}) {letters}" if tkey == SELF
+                      else f"KD({_label(tkey, teacher.arch)},{_label(skey, baseline.arch)}) {letters}")  # fmt: skip
             method += " MSE" if loss == "mse" else ""
             method += f" {mode}" if mode != "image" else ""
             method += " (100%)" if fraction == 1.0 else ""
@@ -536,7 +554,7 @@ def expand_grid(
             spec = add(spec)
             if spec not in distill_runs:
                 distill_runs.append(spec)
-            for dep in (teacher, baseline):
+            for dep in {id(d): d for d in (teacher, baseline)}.values():
                 if group not in dep.groups:
                     dep.groups.append(group)
 

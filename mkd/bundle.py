@@ -275,6 +275,10 @@ def _kind(value: Any) -> str | None:
     return next((name for name, test in _KINDS if test(value)), None)
 
 
+#: settings that a profile sets but ``null`` turns off (``--set epoch_splits=null``: one pass per epoch)
+NULLABLE = frozenset({"epoch_splits"})
+
+
 def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the", label: str = "--set") -> None:
     """Refuse an override whose type differs from the bundle's setting (``--set epochs=abc``).
 
@@ -285,7 +289,7 @@ def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the", 
         MkdError: e.g. ``--set epochs="abc": epochs is an integer in the student bundle (25), got a string``.
     """
     computed = lambda v: isinstance(v, str) and v[:1] in ("$", "@", "%")  # noqa: E731
-    if current is None or computed(current) or computed(value):
+    if current is None or computed(current) or computed(value) or (value is None and key in NULLABLE):
         return
     wanted = _kind(current)
     if wanted is None or dict(_KINDS)[wanted](value):

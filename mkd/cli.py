@@ -286,7 +286,7 @@ _NETWORK_NAMES = _Names("mkd.networks.registry", "NETWORKS")
 _NETWORK_PRESETS = _Names("mkd.networks.registry", "PRESET_NAMES")
 _TEACHERS = _Names("mkd.networks.registry", "TEACHERS")
 _STUDENTS = _Names("mkd.networks.registry", "STUDENTS")
-_LOSSES = _Names("mkd.losses", "LOSSES")
+_LOSSES = _Names("mkd.losses", "FEATURE_LOSSES")
 _RECIPES = _Names("mkd.handlers.distillation", "RECIPES")
 _CONTRASTIVE_MODES = _Names("mkd.losses.infonce", "MODES")
 _PROJECTOR_KINDS = _Names("mkd.networks.projector", "KINDS")
@@ -618,10 +618,9 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 )
 @click.option(
     "--transfer/--no-transfer",
-    default=False,
-    show_default=True,
+    default=None,
     help="Also learn from the teacher on unlabelled slices: training patients outside the student's half "
-    "and imagesTs (their labels are never read).",
+    "and imagesTs (their labels are never read). Default: the recipe's (on for --recipe transfer).",
 )
 @click.option(
     "--baseline",
@@ -629,6 +628,14 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     type=click.Path(dir_okay=False),
     default=None,
     help="Baseline student checkpoint: the run warns when the teacher is not better than it.",
+)
+@click.option(
+    "--reference",
+    "reference_ckpt",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The same student trained on all labels (mkd student --data-fraction 1.0): the run warns when the "
+    "teacher is not better than it.",
 )
 @click.option(
     "--mode",
@@ -667,6 +674,7 @@ def distill(
     neighbour_distance,
     transfer,
     baseline_ckpt,
+    reference_ckpt,
     mode,
     projector,
     data_fraction,
@@ -701,7 +709,6 @@ def distill(
         "pmd": pmd,
         "feature_loss": feature_loss,
         "recipe": recipe,
-        "transfer": transfer,
         "contrastive_mode": mode,
         "projector_kind": projector,
         "use_cache": cache,
@@ -711,10 +718,16 @@ def distill(
                        ("neighbour_distance", neighbour_distance)):  # fmt: skip
         if value is not None:
             overrides[key] = value
-    if baseline_ckpt is not None:
-        if not Path(baseline_ckpt).is_file():
-            raise MkdError(f"{baseline_ckpt}: baseline checkpoint not found (--baseline); train one with `mkd student`")
-        overrides["baseline_ckpt"] = str(Path(baseline_ckpt).resolve())
+    if transfer is not None:
+        overrides["transfer"] = transfer
+    for key, path, option, how in (("baseline_ckpt", baseline_ckpt, "--baseline", "`mkd student`"),
+                                   ("reference_ckpt", reference_ckpt, "--reference",
+                                    "`mkd student --data-fraction 1.0`")):  # fmt: skip
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise MkdError(f"{path}: {key.split('_')[0]} checkpoint not found ({option}); train one with {how}")
+        overrides[key] = str(Path(path).resolve())
     if kwargs.get("output_dir") is None:
         tag = "+".join(scale_list) or "none"
         kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if pmd else ''}"

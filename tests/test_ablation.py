@@ -82,6 +82,32 @@ def test_expansion_options_and_labels():
     assert twice.count()["distill"] == 4 and twice["distill-s1-t1-bn-contrastive-f0.5-seed0"].groups == ["A", "B"]
 
 
+def test_self_training_and_the_all_labels_reference(tmp_path):
+    block = {"teacher": ["t1", "self"], "student": "s1", "scales": "bn", "pmd": True, "recipe": "transfer",
+             "transfer": True, "data_fraction": 0.5}  # fmt: skip
+    grid = expand_grid({**SMALL, "data_fractions": [0.5, 1.0], "distill": [block]})
+    own = grid["distill-s1-self-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
+    kd = grid["distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
+    # the baseline of the same seed and data is the teacher: it runs first, and is accepted as a teacher
+    assert own.teacher == own.baseline == own.depends_on == "student-s1-f0.5-seed0" and own.teacher_arch == "s1"
+    assert own.method == "Self-training(S1) B+PMD (transfer recipe) +transfer"
+    order = [r.id for r in grid.runs]
+    assert order.index(own.baseline) < order.index(own.id)
+    # the student trained on all labels is passed to the teacher check once it has run
+    assert kd.reference == own.reference == "student-s1-f1.0-seed0"
+    assert "reference_ckpt" not in kd.bundle_overrides(tmp_path)
+    (tmp_path / kd.reference / "models").mkdir(parents=True)
+    (tmp_path / kd.reference / "models" / "model.pt").write_bytes(b"")
+    (tmp_path / own.baseline / "models").mkdir(parents=True)
+    (tmp_path / own.baseline / "models" / "model.pt").write_bytes(b"")
+    over = own.bundle_overrides(tmp_path)
+    assert over["allow_student_teacher"] is True and over["teacher_ckpt"] == over["baseline_ckpt"]
+    assert over["reference_ckpt"] == str((tmp_path / kd.reference / "models" / "model.pt").resolve())
+    assert "allow_student_teacher" not in kd.bundle_overrides(tmp_path)
+    with pytest.raises(MkdError, match="set by the grid itself"):
+        expand_grid({**SMALL, "settings": {"distill": {"reference_ckpt": "x.pt"}}})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -95,6 +121,7 @@ def test_expansion_options_and_labels():
         ({"profile": "gpu"}, "profile must be"),
         ({"recipe": "best"}, "recipe must be one of"),
         ({"distill": [{"scales": "bn", "recipe": "best"}]}, "recipe 'best' is not one of"),
+        ({"distill": [{"scales": "bn", "loss": "dist"}]}, "loss 'dist' is not one of contrastive, mse, cwd"),
         ({"distill": [{"scales": "bn", "transfer": "yes"}]}, "transfer must be true, false"),
     ],
 )
@@ -123,6 +150,15 @@ def test_shipped_grids_mirror_the_thesis_tables():
             and not r.settings} == {"teacher-t1-seed0"}  # fmt: skip
     assert {r.method for r in confirm.runs} == {"T1", "S1", "KD(T1,S1) B+PMD (recommended recipe)",
                                                 "KD(T1,S1) B+PMD (thesis recipe)"}  # fmt: skip
+    # half the labels + distillation against all labels: every student run takes the same steps
+    labels = load_grid(ROOT / "grids" / "kd_labels_cpu.yaml")
+    assert labels.seeds == [30, 31, 32, 33, 34] and labels.count() == {"teacher": 1, "student": 10, "distill": 15}
+    assert {r.method for r in labels.runs} == {
+        "T1", "S1", "S1 (100%)", "KD(T1,S1) B+PMD (transfer recipe) +transfer",
+        "Self-training(S1) B+PMD (transfer recipe) +transfer", "KD(T1,S1) B+PMD (recommended recipe)"}  # fmt: skip
+    assert all(
+        "epoch_splits" not in r.settings and "epochs" not in r.settings for r in labels.runs if r.kind != "teacher"
+    )
 
 
 def _write_grid(tmp_path: Path, config: dict) -> Path:

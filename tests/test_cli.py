@@ -54,11 +54,42 @@ def test_distill_recipe_options_reach_the_bundle(tmp_path, monkeypatch):
     assert over["recipe"] == "thesis" and over["pmd_temperature"] == 2.0 and over["neighbour_distance"] == 5
     assert over["transfer"] is True and "temperature" not in over  # tau: the recipe's
     res = _invoke("distill", "--teacher", str(teacher), "--recipe", "best")
-    assert res.exit_code == 2 and "'best' is not one of 'recommended', 'thesis'" in res.output
+    assert res.exit_code == 2 and "'best' is not one of 'recommended', 'thesis', 'transfer'" in res.output
     res = _invoke("distill", "--teacher", str(teacher), "--baseline", str(tmp_path / "nope.pt"))
     assert res.exit_code == 1 and res.output.strip().endswith(
         "nope.pt: baseline checkpoint not found (--baseline); train one with `mkd student`"
     )
+    res = _invoke("distill", "--teacher", str(teacher), "--reference", str(tmp_path / "nope.pt"))
+    assert res.exit_code == 1 and res.output.strip().endswith(
+        "nope.pt: reference checkpoint not found (--reference); train one with `mkd student --data-fraction 1.0`"
+    )
+    # without --transfer / --no-transfer the recipe decides (the bundle's default), and --reference reaches it
+    seen.clear()
+    res = _invoke("distill", "--teacher", str(teacher), "--recipe", "transfer", "--reference", str(teacher),
+                  "--output", str(tmp_path / "run2"))  # fmt: skip
+    assert "transfer" not in seen["overrides"] and seen["overrides"]["reference_ckpt"] == str(teacher.resolve())
+    seen.clear()
+    _invoke("distill", "--teacher", str(teacher), "--recipe", "transfer", "--no-transfer", "--output",
+            str(tmp_path / "run3"))  # fmt: skip
+    assert seen["overrides"]["transfer"] is False
+
+
+def test_the_recipe_decides_the_transfer_set_and_says_so_in_one_line(tiny_prepared, caplog):
+    import logging
+
+    from mkd.bundle import bundle_configs, compose_config
+    from mkd.data import load_split
+
+    student = len(load_split(tiny_prepared, "student"))
+    transfer = len(load_split(tiny_prepared, "transfer"))
+    assert transfer > 0
+    for recipe, extra in (("recommended", 0), ("thesis", 0), ("transfer", transfer)):
+        config = compose_config(bundle_configs("distill", "cpu"), {"dataset_dir": str(tiny_prepared), "recipe": recipe})
+        with caplog.at_level(logging.INFO, logger="mkd.handlers.distillation"):
+            caplog.clear()
+            assert len(config.get_parsed_content("train#data")) == student + extra
+        said = [r.getMessage() for r in caplog.records if "transfer set on" in r.getMessage()]
+        assert len(said) == (1 if extra else 0) and (not said or f"on {transfer} unlabelled slices" in said[0])
 
 
 def test_training_commands_reject_a_malformed_set(tmp_path):

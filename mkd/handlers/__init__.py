@@ -18,9 +18,13 @@ from mkd.handlers.distillation import (
     pool_spatial,
     pools_features,
     recipe_setting,
+    resolve_loss,
+    resolve_terms,
+    transfer_split,
 )
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
+from mkd.handlers.schedule import SmoothedEarlyStopping, steps_per_epoch
 from mkd.handlers.teacher_check import TeacherCheck, validation_quality
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
     "recipe_setting",
+    "transfer_split",
     "build_projector",
     "distillation_weights",
     "distillation_terms",
@@ -40,10 +45,14 @@ __all__ = [
     "load_teacher",
     "pool_spatial",
     "pools_features",
+    "resolve_loss",
+    "resolve_terms",
     "EpochCSVLogger",
     "LOSS_TERMS_KEY",
     "RECON_KEY",
     "ReconstructionLossHandler",
     "ReconstructionOutputHandler",
     "TrainingProgressBar",
+    "SmoothedEarlyStopping",
+    "steps_per_epoch",
 ]

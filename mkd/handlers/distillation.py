@@ -12,9 +12,11 @@ scale (``enc``, ``bn``, ``dec``: student / teacher features recorded with forwar
 hooks and brought to a common shape by trainable projector heads
 :class:`~mkd.networks.projector.ProjectorHeads`, which must be in the optimiser)
 or ``"logits"`` (the student's and teacher's logits). ``loss`` is any callable
-(InfoNCE, feature MSE, prediction-map KD, or a new loss class) and ``weight`` its
-weight. :func:`distillation_terms` builds the terms of the CLI's settings
-(``--scales``, ``--loss``, ``--pmd``, ``--weights``, the recipes); a bundle adds
+(InfoNCE, feature MSE, prediction-map KD, or a new loss class) or the name of one
+in :data:`mkd.losses.LOSSES` (built with the term's optional ``kwargs``, see
+:func:`resolve_terms`), and ``weight`` its weight. :func:`distillation_terms`
+builds the terms of the CLI's settings (``--scales``, ``--loss``, ``--pmd``,
+``--weights``, the recipes); a bundle adds
 its own under ``terms`` in ``distill.json``. The student stays a plain logits-out
 network, so stock evaluators, metrics, checkpoint savers and inferers work on
 it unchanged. The teacher is frozen (eval mode, no gradients); its outputs come
@@ -52,6 +54,8 @@ __all__ = [
     "distillation_terms",
     "needs_logits",
     "pools_features",
+    "resolve_loss",
+    "resolve_terms",
     "pool_spatial",
     "THESIS_WEIGHTS",
     "load_teacher",
@@ -60,6 +64,7 @@ __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
     "recipe_setting",
+    "transfer_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,12 +87,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "temperature": 0.4,
         "pmd_temperature": 1.0,
         "neighbour_distance": 3,
+        "transfer": False,
     },
     "thesis": {
         "weights": dict(THESIS_WEIGHTS),
         "temperature": 0.4,
         "pmd_temperature": 4.0,
         "neighbour_distance": 0,
+        "transfer": False,
+    },
+    # chosen for "half the labels + distillation vs all labels" (docs/distill.md, "Labels saved") before
+    # grids/kd_labels_cpu.yaml ran on seeds 30-34: the recommended B+PMD terms plus the unlabelled transfer
+    # set, the one row of grids/kd_cpu.yaml above the baseline on validation (seeds 0-2)
+    "transfer": {
+        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
+        "temperature": 0.4,
+        "pmd_temperature": 1.0,
+        "neighbour_distance": 3,
+        "transfer": True,
     },
 }
 DEFAULT_RECIPE = "recommended"
@@ -113,6 +130,127 @@ def recipe_setting(recipe: str, key: str) -> Any:
     return settings[key]
 
 
+def transfer_split(dataset_dir: str | os.PathLike, transfer: bool) -> list[dict]:
+    """The unlabelled transfer set of a distillation run (``load_split(dataset_dir, "transfer")``), said in one line.
+
+    Args:
+        dataset_dir: a folder written by ``mkd prepare``.
+        transfer: the run's ``transfer`` setting (its recipe's by default).
+
+    Returns:
+        The transfer items (no ``label`` key), or ``[]`` when ``transfer`` is off.
+    """
+    if not transfer:
+        return []
+    from mkd.data import load_split
+
+    items = load_split(dataset_dir, "transfer")
+    if items:
+        logger.info("transfer set on: the student also learns from the teacher on %d unlabelled slices (training "
+                    "patients outside its half and imagesTs; their labels are never read)", len(items))  # fmt: skip
+    else:
+        logger.info("transfer set on, but %s has no unlabelled slices: the student learns from its labelled "
+                    "slices only", dataset_dir)  # fmt: skip
+    return items
+
+
+#: the keys of a declared term; ``kwargs`` is optional (constructor arguments of a loss named by a string)
+TERM_KEYS = ("input", "loss", "weight")
+_FEATURES = "features"
+
+
+def resolve_loss(loss: Any, kwargs: Mapping[str, Any] | None = None, where: str = "loss") -> Any:
+    """The loss of a distillation term: a name in :data:`mkd.losses.LOSSES` is built with ``kwargs``.
+
+    Plain data is enough to declare a term (``--set 'terms={"cwd": {"input": "logits", "loss": "cwd",
+    "weight": 1.0, "kwargs": {"temperature": 4.0}}}'``), without a ``_target_``. Anything that is not a
+    string (a loss module or function, e.g. one built by the bundle from a ``_target_``) is returned as is.
+
+    Args:
+        loss: a name in ``LOSSES``, or a callable loss.
+        kwargs: constructor arguments of a loss named by a string.
+        where: what to call the loss in error messages.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones), ``kwargs`` that are not a mapping,
+            that the loss does not take, or given with a loss that is not a name; a loss that is not callable.
+
+    Example:
+        >>> resolve_loss("cwd", {"temperature": 2.0})
+        CWDLoss(temperature=2.0, reduction='mean')
+    """
+    from mkd.losses import LOSSES
+
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: kwargs must be a mapping of constructor arguments; got {kwargs!r}.")
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"{where}: {loss!r} is not a loss in mkd.losses.LOSSES; known: {', '.join(LOSSES)}.")
+        cls = LOSSES[loss]
+        accepted = inspect.signature(cls).parameters
+        unknown = sorted(k for k in (kwargs or {}) if k not in accepted)
+        if unknown:
+            raise ValueError(f"{where}: {cls.__name__} ({loss!r}) takes no argument {unknown}; it takes "
+                             f"{[k for k in accepted if k != 'self']}.")  # fmt: skip
+        return cls(**dict(kwargs or {}))
+    if kwargs:
+        raise ValueError(f"{where}: kwargs are for a loss named by a string (a name in mkd.losses.LOSSES); "
+                         f"got a {type(loss).__name__}.")  # fmt: skip
+    if not callable(loss):
+        raise ValueError(f"{where}: must be a callable loss or a name in mkd.losses.LOSSES; got {loss!r}.")
+    return loss
+
+
+def resolve_terms(terms: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Check declared terms and build the losses named by a string (:func:`resolve_loss`).
+
+    Each term is ``{"input": scale or "logits", "loss": callable or name, "weight": float}``, plus
+    ``"kwargs"`` for a loss named by a string. A loss class that says where it applies (its ``inputs``:
+    ``"features"``, ``"logits"``) must apply to the term's input.
+
+    Returns:
+        ``{name: {"input", "loss", "weight"}}`` with every loss a callable and every weight a float.
+
+    Raises:
+        ValueError: other keys, a negative weight, an unknown loss name or argument, a loss on an input
+            it does not apply to.
+
+    Example:
+        >>> terms = resolve_terms({"dist": {"input": "logits", "loss": "dist", "weight": 1}})
+        >>> type(terms["dist"]["loss"]).__name__, terms["dist"]["weight"]
+        ('DISTLoss', 1.0)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, term in terms.items():
+        if not isinstance(term, Mapping) or not set(TERM_KEYS) <= set(term) <= {*TERM_KEYS, "kwargs"}:
+            got = sorted(term) if isinstance(term, Mapping) else type(term).__name__
+            raise ValueError(f"distillation term {name!r} must have the keys input, loss and weight; got {got} "
+                             "(and optionally kwargs, for a loss named by a string).")  # fmt: skip
+        if float(term["weight"]) < 0:
+            raise ValueError(f"distillation term {name!r}: weight must be >= 0; got {term['weight']}.")
+        loss = resolve_loss(term["loss"], term.get("kwargs"), where=f"distillation term {name!r}")
+        kind = LOGITS if term["input"] == LOGITS else _FEATURES
+        inputs = getattr(loss, "inputs", None)
+        if inputs is not None and kind not in inputs:
+            raise ValueError(
+                f"distillation term {name!r}: {type(loss).__name__} applies to {' or '.join(inputs)}, not to "
+                f"input {term['input']!r}; use " + ("input 'logits'" if LOGITS in inputs else "a feature scale")
+                + "."
+            )  # fmt: skip
+        out[name] = {"input": term["input"], "loss": loss, "weight": float(term["weight"])}
+    return out
+
+
+def _takes(loss: Any) -> set[str]:
+    """The parameter names of a loss's ``forward`` (or of the callable itself)."""
+    return set(inspect.signature(getattr(loss, "forward", loss)).parameters)
+
+
+def _projected(loss: Any) -> bool:
+    """Whether a feature term's loss gets the projector's embeddings (default) or the raw features."""
+    return bool(getattr(loss, "projected", True))
+
+
 def _term_pools(loss: Any, projector_kind: str | None) -> bool:
     """Whether a feature term may pool its features *before* projection without changing its value.
 
@@ -126,13 +264,32 @@ def _term_pools(loss: Any, projector_kind: str | None) -> bool:
 
 
 def pools_features(terms: Mapping[str, Mapping[str, Any]], projector_kind: str | None) -> bool:
-    """Whether every feature term of ``terms`` pools before projection (the teacher cache then stores vectors)."""
+    """Whether every feature term of ``terms`` pools before projection (the teacher cache then stores vectors).
+
+    ``terms`` as declared (losses may be named by a string). A loss on raw features (``projected`` false:
+    the affinity losses) needs the maps, so the cache then stores them unpooled.
+    """
+    return _pools(resolve_terms(terms), projector_kind)
+
+
+def _pools(terms: Mapping[str, Mapping[str, Any]], projector_kind: str | None) -> bool:
     return all(_term_pools(t["loss"], projector_kind) for t in terms.values() if t["input"] != LOGITS)
 
 
 def needs_logits(terms: Mapping[str, Mapping[str, Any]]) -> bool:
-    """Whether a weighted term of ``terms`` compares logits (the teacher cache then stores the teacher's)."""
-    return any(t["input"] == LOGITS and float(t["weight"]) > 0 for t in terms.values())
+    """Whether a weighted term of ``terms`` needs the teacher's logits (the teacher cache then stores them).
+
+    True for a term on ``"logits"`` and for a feature term whose loss's ``forward`` takes ``teacher_logits``
+    (region affinity: the teacher's prediction stands in for missing labels). ``terms`` as declared.
+    """
+    return _needs_logits(resolve_terms(terms))
+
+
+def _needs_logits(terms: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(
+        float(t["weight"]) > 0 and (t["input"] == LOGITS or "teacher_logits" in _takes(t["loss"]))
+        for t in terms.values()
+    )
 
 
 def distillation_terms(
@@ -159,7 +316,8 @@ def distillation_terms(
         the order of ``weights``, then ``pmd``.
 
     Raises:
-        ValueError: ``loss`` is not in :data:`mkd.losses.LOSSES`.
+        ValueError: ``loss`` is not in :data:`mkd.losses.LOSSES`, or it does not apply to feature scales
+            (``dist``: declare it as a term on the logits).
 
     Example:
         >>> terms = distillation_terms({"seg": 1.0, "bn": 0.2, "pmd": 1.0})
@@ -171,6 +329,12 @@ def distillation_terms(
     from mkd.losses import LOSSES, PMDLoss
 
     feature_loss = look_up_option(loss, LOSSES)
+    if _FEATURES not in getattr(feature_loss, "inputs", (_FEATURES,)):
+        raise ValueError(
+            f"loss={loss!r} ({feature_loss.__name__}) compares predictions, not feature scales; declare it as a "
+            f'term on the logits instead: --set \'terms={{"{loss}": {{"input": "logits", "loss": "{loss}", '
+            f'"weight": 1.0}}}}\'.'
+        )
     settings = {"temperature": temperature, "mode": mode, "symmetric": symmetric, "max_samples": max_samples,
                 "neighbour_distance": neighbour_distance}  # fmt: skip
     accepted = inspect.signature(feature_loss).parameters
@@ -308,19 +472,21 @@ class DistillationHandler:
         student: the trainer's network (may be DDP-wrapped).
         projector: trainable projector heads covering the scales of the feature terms (must be in the
             optimiser); ``None`` or an empty module when every term compares logits.
-        terms: ``{name: {"input": scale or "logits", "loss": callable, "weight": float}}``
-            (:func:`distillation_terms` builds the CLI's). A feature term's loss is called as
-            ``loss(student_embedding, teacher_embedding, **extras)``, a logits term's as
-            ``loss(student_logits, teacher_logits)``; the extras are the ones the loss's ``forward``
-            takes: ``labels`` (the batch's labels), and ``groups`` / ``positions`` (the batch's
-            ``patient`` and ``z``) when its ``neighbour_distance`` is above 0. Terms of weight 0 are
-            not computed. ``name`` is the column of the logged loss term (``train_NAME``).
+        terms: ``{name: {"input": scale or "logits", "loss": callable or name, "weight": float}}``, plus
+            ``"kwargs"`` for a loss named by a string in :data:`mkd.losses.LOSSES` (:func:`resolve_terms`;
+            :func:`distillation_terms` builds the CLI's). A feature term's loss is called as
+            ``loss(student_embedding, teacher_embedding, **extras)`` (the raw student feature and the teacher
+            feature on the student's grid instead when the loss's ``projected`` is false), a logits term's as
+            ``loss(student_logits, teacher_logits, **extras)``; the extras are the ones the loss's ``forward``
+            takes: ``labels`` (the batch's labels), ``teacher_logits`` (feature terms), and ``groups`` /
+            ``positions`` (the batch's ``patient`` and ``z``) when its ``neighbour_distance`` is above 0.
+            Terms of weight 0 are not computed. ``name`` is the column of the logged loss term (``train_NAME``).
         seg_weight: the weight of the trainer's own (segmentation) loss.
 
     Raises:
         ValueError: a term without ``input`` / ``loss`` / ``weight`` or with other keys, a negative
-            weight, an unknown scale (the message lists the valid ones), feature terms without a
-            projector.
+            weight, an unknown loss name, an unknown scale (the message lists the valid ones), projected
+            feature terms without a projector.
 
     Example (in a bundle)::
 
@@ -341,29 +507,21 @@ class DistillationHandler:
     ) -> None:
         from mkd.networks import FeatureRecorder
 
-        self.terms: dict[str, dict[str, Any]] = {}
-        for name, term in terms.items():
-            if not isinstance(term, Mapping) or set(term) != {"input", "loss", "weight"}:
-                got = sorted(term) if isinstance(term, Mapping) else type(term).__name__
-                raise ValueError(f"distillation term {name!r} must have the keys input, loss and weight; got {got}.")
-            if float(term["weight"]) < 0:
-                raise ValueError(f"distillation term {name!r}: weight must be >= 0; got {term['weight']}.")
-            if float(term["weight"]) > 0:
-                forward = getattr(term["loss"], "forward", term["loss"])
-                self.terms[name] = {**term, "weight": float(term["weight"]),
-                                    "takes": set(inspect.signature(forward).parameters)}  # fmt: skip
+        weighted = {k: t for k, t in resolve_terms(terms).items() if t["weight"] > 0}
+        self.terms: dict[str, dict[str, Any]] = {k: {**t, "takes": _takes(t["loss"])} for k, t in weighted.items()}
         self.seg_weight = float(seg_weight)
         self.scales = list(dict.fromkeys(t["input"] for t in self.terms.values() if t["input"] != LOGITS))
-        self.needs_logits = needs_logits(self.terms)
+        self.needs_logits = _needs_logits(weighted)
         self.teacher = teacher
         self.student = student
         self.projector = projector
-        if self.scales and not isinstance(projector, torch.nn.Module):
+        projected = [t for t in self.terms.values() if t["input"] != LOGITS and _projected(t["loss"])]
+        if projected and not isinstance(projector, torch.nn.Module):
             raise ValueError("a projector (ProjectorHeads) is required when feature scales are weighted.")
         kind = getattr(projector, "kind", None)
         for term in self.terms.values():
             term["pool"] = _term_pools(term["loss"], kind)
-        self.pool = pools_features(self.terms, kind)
+        self.pool = _pools(weighted, kind)
         # both recorders resolve the scale names now, so a typo fails before any training
         self.student_recorder = FeatureRecorder(student, self.scales) if self.scales else None
         self.teacher_recorder = FeatureRecorder(teacher, self.scales, detach=True) if self.scales else None
@@ -420,27 +578,36 @@ class DistillationHandler:
         total = self.seg_weight * seg_loss
         logged: dict[str, torch.Tensor] = {"seg": seg_loss.detach()}
         for name, term in self.terms.items():
+            extras = self._extras(engine, output, term, teacher_logits)
             if term["input"] == LOGITS:
-                value = term["loss"](output[CommonKeys.PRED], teacher_logits)
+                value = term["loss"](output[CommonKeys.PRED], teacher_logits, **extras)
             else:
                 scale = term["input"]
                 s_feat, t_feat = student_feats[scale], teacher_feats[scale]
-                if term["pool"]:  # image-level InfoNCE with linear heads: pool, then project (same loss, cheaper)
-                    if any(d != 1 for d in t_feat.shape[2:]):  # a live teacher map (the cache stores it pooled)
-                        t_feat = pool_spatial(match_spatial(t_feat, s_feat.shape[2:]))
-                    s_feat = pool_spatial(s_feat)
-                s_emb, t_emb = self.projector(scale, s_feat, t_feat)
-                value = term["loss"](s_emb, t_emb, **self._extras(engine, output, term))
+                if not _projected(term["loss"]):  # raw features (affinities): the teacher on the student's grid
+                    s_emb, t_emb = s_feat, match_spatial(t_feat, s_feat.shape[2:]).to(s_feat.dtype)
+                else:
+                    if term["pool"]:  # image-level InfoNCE with linear heads: pool, then project (same, cheaper)
+                        if any(d != 1 for d in t_feat.shape[2:]):  # a live teacher map (the cache stores it pooled)
+                            t_feat = pool_spatial(match_spatial(t_feat, s_feat.shape[2:]))
+                        s_feat = pool_spatial(s_feat)
+                    s_emb, t_emb = self.projector(scale, s_feat, t_feat)
+                value = term["loss"](s_emb, t_emb, **extras)
             total = total + term["weight"] * value
             logged[name] = value.detach()
         output[CommonKeys.LOSS] = total
         setattr(engine.state, LOSS_TERMS_KEY, logged)
 
-    def _extras(self, engine: Engine, output: Mapping[str, Any], term: Mapping[str, Any]) -> dict[str, Any]:
-        """The keyword arguments a feature term's loss takes: ``labels``, and the neighbour mask's batch keys."""
+    def _extras(
+        self, engine: Engine, output: Mapping[str, Any], term: Mapping[str, Any], teacher_logits: Any = None
+    ) -> dict[str, Any]:
+        """The keyword arguments a term's loss takes: ``labels``, ``teacher_logits`` (feature terms; a logits
+        term gets them as its second argument), and the neighbour mask's batch keys."""
         extras: dict[str, Any] = {}
         if "labels" in term["takes"]:
             extras["labels"] = output.get(CommonKeys.LABEL)
+        if "teacher_logits" in term["takes"] and term["input"] != LOGITS:
+            extras["teacher_logits"] = teacher_logits
         distance = getattr(term["loss"], "neighbour_distance", 0)
         if distance and {"groups", "positions"} <= term["takes"]:
             batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}

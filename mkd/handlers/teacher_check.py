@@ -104,6 +104,10 @@ class TeacherCheck:
             this evaluator (the distilled student's pooled validation Dice).
         output_file: where to write the measurements (JSON); ``None`` writes nothing.
         margin: the teacher must beat the student by more than this.
+        reference_ckpt: optional checkpoint of the same student trained on *all* training labels
+            (``mkd student --data-fraction 1.0``); measured the same way, and a teacher whose pooled
+            Dice is not above it gets a warning: it knows nothing a student with its labels could
+            not learn, so distillation can pass on only the labels it saw.
 
     Attributes:
         report: the measurements (``teacher``, and ``baseline`` when given).
@@ -119,6 +123,7 @@ class TeacherCheck:
         evaluator: Engine | None = None,
         output_file: str | os.PathLike | None = None,
         margin: float = 0.0,
+        reference_ckpt: str | os.PathLike | None = None,
     ) -> None:
         self.teacher = teacher
         self.data_loader = data_loader
@@ -127,6 +132,7 @@ class TeacherCheck:
         self.evaluator = evaluator
         self.output_file = output_file
         self.margin = float(margin)
+        self.reference_ckpt = reference_ckpt or None
         self.report: dict[str, Any] = {}
         self.warnings: list[str] = []
 
@@ -161,19 +167,32 @@ class TeacherCheck:
             _fmt(teacher["background_median"]), _fmt(teacher["foreground_median"]),
         )  # fmt: skip
         if self.baseline_ckpt is not None:
-            from mkd.networks import load_network
-
-            baseline, _ = load_network(self.baseline_ckpt, map_location="cpu")
-            base = validation_quality(baseline.to(self.device), self.data_loader, self.device)
-            self.report["baseline"] = {**base, "checkpoint": str(self.baseline_ckpt)}
+            base = self._measure("baseline", self.baseline_ckpt)
             if not teacher["dice"] > base["dice"] + self.margin:
                 self._warn(
                     f"the teacher is no better than the student it is meant to teach: validation pooled Dice "
                     f"{teacher['dice']:.3f} (teacher) vs {base['dice']:.3f} (baseline {self.baseline_ckpt}); "
                     "train the teacher longer (mkd teacher --set early_stop_patience=N) before distilling"
                 )
+        if self.reference_ckpt is not None:
+            ref = self._measure("reference", self.reference_ckpt)
+            if not teacher["dice"] > ref["dice"] + self.margin:
+                self._warn(
+                    f"the teacher is no better than the student trained on all labels: validation pooled Dice "
+                    f"{teacher['dice']:.3f} (teacher) vs {ref['dice']:.3f} ({self.reference_ckpt}); it can pass on "
+                    "the labels it saw, not knowledge the student could not learn from them"
+                )
         self._save()
         return self.report
+
+    def _measure(self, name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
+        """Measure a student checkpoint on the validation data, as the teacher; keep it in the report as ``name``."""
+        from mkd.networks import load_network
+
+        network, _ = load_network(checkpoint, map_location="cpu")
+        out = validation_quality(network.to(self.device), self.data_loader, self.device)
+        self.report[name] = {**out, "checkpoint": str(checkpoint)}
+        return out
 
     def compare_with_result(self, engine: Engine | None = None) -> None:
         """At the end: warn when the distilled student's best validation score reached the teacher's."""

@@ -31,7 +31,16 @@ from mkd.reports.tables import (
     to_markdown,
 )
 
-__all__ = ["collect_runs", "collect_volumes", "build_report", "check_report_output", "ReportResult", "VOLUME_METRICS"]
+__all__ = [
+    "collect_runs",
+    "collect_volumes",
+    "build_report",
+    "check_report_output",
+    "ReportResult",
+    "VOLUME_METRICS",
+    "curve_end_change",
+    "convergence_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +105,13 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
         row["best_epoch"] = train.get("best_epoch")
         row["epochs"] = train.get("epochs")
         row["train_seconds"] = train.get("seconds")
+        row["val_last_change"] = curve_end_change(run_dir / "metrics.csv")
         row["run_dir"] = str(run_dir.resolve())
         rows.append(row)
     columns = ["run_id", *_RUN_FIELDS[1:-1], "baseline_run", "baseline", "groups", "settings", *DEFAULT_METRICS,
                *(f"volume_{k}" for k in ("iou", "dice", "recall", "precision", "hd95")), "psnr",
-               "best_val_pooled_dice", "best_epoch", "epochs", "train_seconds", "run_dir"]  # fmt: skip
+               "best_val_pooled_dice", "best_epoch", "epochs", "train_seconds", "val_last_change",
+               "run_dir"]  # fmt: skip
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=columns)
@@ -108,9 +119,45 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
     df["baseline"] = [method_of.get(b) if isinstance(b, str) else None for b in df["baseline_run"]]
     df["_rank"] = df["kind"].map(_KIND_RANK).fillna(3)
     df = df.sort_values(["_rank", "run_id"], kind="stable").drop(columns="_rank").reset_index(drop=True)
-    for c in (*DEFAULT_METRICS, "psnr", "best_val_pooled_dice", "train_seconds"):
+    for c in (*DEFAULT_METRICS, "psnr", "best_val_pooled_dice", "train_seconds", "val_last_change"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df[[c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]]
+
+
+def curve_end_change(metrics_csv: str | os.PathLike, window: int = 3, key: str = "val_pooled_dice") -> float | None:
+    """Has the validation curve flattened? Mean of ``key`` over the last ``window`` epochs minus the ``window`` before.
+
+    Near 0 (against the seed-to-seed spread) when training has converged; clearly positive when
+    the run stopped while still improving. ``None`` when ``metrics.csv`` is missing, unreadable
+    or shorter than ``2 * window`` epochs.
+
+    Example:
+        a curve ... 0.80, 0.82, 0.84 | 0.85, 0.85, 0.86 gives (0.85 + 0.85 + 0.86) / 3 - 0.82 = +0.0333.
+    """
+    try:
+        values = pd.read_csv(metrics_csv)[key].astype(float).to_numpy()
+    except (OSError, KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    if len(values) < 2 * window:
+        return None
+    return float(values[-window:].mean() - values[-2 * window : -window].mean())
+
+
+def convergence_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per method: epochs, best epoch and the end-of-curve change of validation pooled Dice, mean ± std over seeds."""
+    rows = []
+    for method, block in runs.groupby("method", sort=False):
+        change = pd.to_numeric(block.get("val_last_change"), errors="coerce").dropna()
+        best = pd.to_numeric(block.get("best_epoch"), errors="coerce").dropna()
+        rows.append({
+            "method": method, "n_seeds": int(len(block)),
+            "epochs": "/".join(str(int(e)) for e in sorted(set(pd.to_numeric(block["epochs"], errors="coerce")
+                                                                 .dropna()))),
+            "best epoch": ", ".join(str(int(b)) for b in best),
+            "val Dice, last 3 epochs - 3 before": (f"{change.mean():+.4f} ± {change.std(ddof=1):.4f}" if len(change) > 1
+                                                   else f"{change.mean():+.4f}" if len(change) else ""),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def left_out_runs(runs_dir: str | os.PathLike) -> dict[str, str]:
@@ -433,6 +480,7 @@ def build_report(
     runs["teacher_method"] = [method_of.get(t) if isinstance(t, str) else None for t in runs["teacher"]]
     gap = gap_table(runs, [m for m in ("dice", "volume_dice") if m in runs.columns])
     gap_md = to_markdown(_gap_display(gap)) + "\n" if not gap.empty else ""
+    convergence = convergence_table(runs)
 
     frames: dict[str, pd.DataFrame] = {"summary": summary, "volume": volume, "significance_seeds": sig_seeds,
                                        "significance_volumes": sig_volumes, "per_volume": volumes,
@@ -463,6 +511,7 @@ def build_report(
             csv("gap.csv", "gap.csv", gap)
             text("gap.md", "gap.md", gap_md)
         csv("runs.csv", "runs.csv", runs)
+        csv("convergence.csv", "convergence.csv", convergence)
         if left_out:
             left_df = pd.DataFrame({"run": list(left_out), "reason": list(left_out.values())})
             csv("left_out.csv", "left_out.csv", left_df)
@@ -492,6 +541,8 @@ def build_report(
                 "## Per-volume test metrics (MSD convention)", "", volume_md]  # fmt: skip
         if gap_md:
             page += ["## Teacher-student gap recovered, (KD - S) / (T - S)", "", gap_md]
+        page += ["## Has training converged? (validation pooled Dice at the end of each run)", "",
+                 to_markdown(convergence), ""]  # fmt: skip
         if group_md:
             page += ["## Tables by grid block", "", *group_md]
         pngs = [(k, p) for k, p in files.items() if p.suffix == ".png"]

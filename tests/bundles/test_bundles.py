@@ -468,6 +468,9 @@ def test_setting_types_accept_what_the_bundle_can_use():
     check_setting_type("epochs", "$2 * 3", 25)  # an expression is the user's to get right
     check_setting_type("baseline_ckpt", "runs/s1/models/model.pt", None)  # an unset setting takes anything
     check_setting_type("amp", True, "$@device.type == 'cuda'")  # a computed setting too
+    check_setting_type("epoch_splits", None, ["training", "unlabelled"])  # null: one pass per epoch
+    with pytest.raises(MkdError, match="epochs is an integer"):
+        check_setting_type("epochs", None, 25)  # null is not a number of epochs
     with pytest.raises(MkdError, match=r"--set pmd=1: pmd is true or false in the distill bundle \(false\), got"):
         check_setting_type("pmd", 1, False, "distill")
 

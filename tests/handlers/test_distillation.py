@@ -293,3 +293,126 @@ def test_the_clis_settings_give_the_terms_they_gave_before():
         "pmd": ("logits", "PMDLoss", 0.2)}  # fmt: skip
     with pytest.raises(ValueError, match=r"'kl' is not a valid value"):
         distillation_terms({"seg": 1.0, "bn": 0.2}, loss="kl")
+
+
+def _declared(**kwargs):
+    """The dense-prediction losses of mkd.losses.LOSSES declared by name, as plain data (no _target_)."""
+    terms = {
+        "cwd": {"input": "logits", "loss": "cwd", "weight": 1.0, "kwargs": {"temperature": 4.0}},
+        "dist": {"input": "logits", "loss": "dist", "weight": 1.0},
+        "affinity_bn": {"input": "bn", "loss": "affinity", "weight": 1.0},
+        "region_bn": {"input": "bn", "loss": "region_affinity", "weight": 1.0},
+    }
+    terms.update(kwargs)
+    return terms
+
+
+def test_losses_named_by_a_string_train_through_the_handler():
+    """Terms name their loss in LOSSES (plus kwargs); one step: logged, weighted, gradients reach the student."""
+    from mkd.losses import CWDLoss, PairwiseAffinityLoss, RegionAffinityLoss
+
+    teacher, student, projector, _ = _setup(scales=("bn",), pmd=False)
+    terms = {"contrastive_bn": {"input": "bn", "loss": InfoNCELoss(temperature=0.4), "weight": 0.2}, **_declared()}
+    handler = DistillationHandler(teacher, student, projector, terms, seg_weight=1.0)
+    assert isinstance(handler.terms["cwd"]["loss"], CWDLoss) and handler.terms["cwd"]["loss"].temperature == 4.0
+    assert isinstance(handler.terms["affinity_bn"]["loss"], PairwiseAffinityLoss)
+    assert isinstance(handler.terms["region_bn"]["loss"], RegionAffinityLoss)
+    assert handler.needs_logits and not handler.pool  # region affinity takes teacher logits; affinities need maps
+    items = _items(4)
+    items[3]["label"] = torch.full_like(items[3]["label"], -1.0)  # a transfer-set slice: the teacher's regions
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer, records = _trainer(student, projector, items, handler, lr=0.1)
+    trainer.run()
+    (r,) = records
+    assert set(r) == {"loss", "seg", "contrastive_bn", "cwd", "dist", "affinity_bn", "region_bn"}
+    assert all(r[k] > 0 for k in ("cwd", "dist", "affinity_bn"))
+    expected = r["seg"] + 0.2 * r["contrastive_bn"] + r["cwd"] + r["dist"] + r["affinity_bn"] + r["region_bn"]
+    assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_raw_feature_terms_and_teacher_logits_come_from_the_cache_as_live(tmp_path):
+    """Affinity terms take raw features and region affinity the teacher logits: cached and live steps agree."""
+    from mkd.handlers import needs_logits, pools_features
+
+    items = _items()
+    terms = _declared()
+    teacher, student, projector, _ = _setup(scales=("bn",), pmd=False)
+    handler = DistillationHandler(teacher, student, projector, terms)
+    logits, pool = needs_logits(terms), pools_features(terms, "linear")
+    assert logits and not pool
+    cache = TeacherCache.build(teacher, student, items, lambda d: d, ["bn"], tmp_path / "c", (SIZE, SIZE),
+                               logits=logits, pool=pool, dtype="float32", batch_size=4)  # fmt: skip
+    live_trainer, live = _trainer(student, projector, items, handler)
+    live_trainer.run()
+    _, student2, projector2, _ = _setup(scales=("bn",), pmd=False)
+    student2.load_state_dict(student.state_dict())
+    handler2 = DistillationHandler(teacher, student2, projector2, terms)
+    cached_trainer, cached = _trainer(student2, projector2, [LoadTeacherCached(cache)(d) for d in items], handler2)
+    cached_trainer.run()
+    assert handler.live_steps == 2 and handler2.cached_steps == 2 and handler2.live_steps == 0
+    for a, b in zip(live, cached):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+
+
+def test_needs_logits_and_pools_features_for_declared_terms():
+    from mkd.handlers import needs_logits, pools_features
+
+    contrastive = {"contrastive_bn": {"input": "bn", "loss": "contrastive", "weight": 0.2}}
+    assert pools_features(contrastive, "linear") and not needs_logits(contrastive)
+    for name, term in _declared().items():
+        terms = {**contrastive, name: term}
+        # logits terms and region affinity (teacher logits for unlabelled slices) need the teacher's logits
+        assert needs_logits(terms) == (name != "affinity_bn"), name
+        # the affinity losses compare maps of raw features: nothing is pooled
+        assert pools_features(terms, "linear") == (term["input"] == "logits"), name
+        assert not needs_logits({name: {**term, "weight": 0.0}})
+
+
+def test_resolving_a_loss_named_by_a_string():
+    from mkd.handlers import resolve_loss, resolve_terms
+
+    assert resolve_loss("dist", {"beta": 2.0}).beta == 2.0
+    cosine = CosineKD()
+    assert resolve_loss(cosine) is cosine
+    with pytest.raises(ValueError, match=r"'kl' is not a loss in mkd.losses.LOSSES; known: contrastive, mse, cwd"):
+        resolve_loss("kl")
+    with pytest.raises(ValueError, match=r"CWDLoss \('cwd'\) takes no argument \['tau'\]"):
+        resolve_loss("cwd", {"tau": 1.0})
+    with pytest.raises(ValueError, match="kwargs are for a loss named by a string"):
+        resolve_loss(cosine, {"temperature": 1.0})
+    with pytest.raises(
+        ValueError, match=r"term 'd': DISTLoss applies to logits, not to input 'bn'; use input 'logits'"
+    ):
+        resolve_terms({"d": {"input": "bn", "loss": "dist", "weight": 1.0}})
+    with pytest.raises(ValueError, match=r"term 'a': PairwiseAffinityLoss applies to features, not to input 'logits'"):
+        resolve_terms({"a": {"input": "logits", "loss": "affinity", "weight": 1.0}})
+    with pytest.raises(ValueError, match=r"keys input, loss and weight; got \['input', 'kw', 'loss', 'weight'\]"):
+        resolve_terms({"c": {"input": "logits", "loss": "cwd", "weight": 1.0, "kw": {}}})
+    # the CLI's --loss: a feature loss applies to every scale; dist compares predictions only
+    terms = distillation_terms({"seg": 1.0, "bn": 0.2}, loss="affinity")
+    assert type(terms["affinity_bn"]["loss"]).__name__ == "PairwiseAffinityLoss"
+    with pytest.raises(ValueError, match=r"loss='dist' \(DISTLoss\) compares predictions, not feature scales"):
+        distillation_terms({"seg": 1.0, "bn": 0.2}, loss="dist")
+
+
+def test_the_diagnosis_grids_declared_terms_reach_the_bundle_as_plain_data():
+    """grids/kd_cpu.yaml names the new losses by string in settings.terms; the distill bundle resolves them."""
+    from pathlib import Path
+
+    from mkd.ablation import load_grid
+    from mkd.bundle import bundle_configs, compose_config
+    from mkd.handlers import resolve_terms
+
+    grid = load_grid(Path(__file__).parents[2] / "grids" / "kd_cpu.yaml")
+    runs = {r.id.split("-")[-2]: r for r in grid.runs if r.kind == "distill" and "terms" in r.settings}
+    assert set(runs) >= {"cwd", "dist", "affinity", "region"}
+    for tag, run in runs.items():
+        assert "_target_" not in str(run.settings["terms"])
+        parser = compose_config(bundle_configs("distill", "cpu"), run.bundle_overrides("runs"))
+        terms = resolve_terms(parser.get_parsed_content("distill_terms"))
+        assert {"contrastive_bn", "pmd"} < set(terms), tag  # added to the recommended B+PMD recipe
+        assert parser.get_parsed_content("teacher_cache#logits")  # PMD, and region affinity's teacher logits
+        # the affinity terms need the teacher's bn maps, not vectors
+        assert parser.get_parsed_content("teacher_cache#pool") == (tag in ("cwd", "dist")), tag

@@ -70,3 +70,22 @@ def test_warns_at_the_end_when_the_distilled_student_caught_up():
     check.compare_with_result()
     assert check.report["student_best_val"] == 0.9
     assert len(check.warnings) == 1 and "nothing left to teach" in check.warnings[0]
+
+
+def test_warns_when_the_teacher_is_no_better_than_the_student_trained_on_all_labels(tmp_path):
+    torch.manual_seed(0)
+    student = build("s1")
+    baseline = save_checkpoint(tmp_path / "baseline.pt", build("s1"))
+    reference = save_checkpoint(tmp_path / "all_labels.pt", student)
+    same = build("s1")
+    same.load_state_dict(student.state_dict())  # the teacher is exactly the all-labels student
+    check = TeacherCheck(same, _batches(), reference_ckpt=reference, output_file=tmp_path / "check.json")
+    report = check.check()
+    assert report["reference"]["dice"] == pytest.approx(report["teacher"]["dice"])
+    assert len(check.warnings) == 1 and "no better than the student trained on all labels" in check.warnings[0]
+    assert str(reference) in check.warnings[0] and "\n" not in check.warnings[0]
+    assert json.loads((tmp_path / "check.json").read_text())["reference"]["checkpoint"] == str(reference)
+    # a teacher better than both: no warning, both measured
+    check = TeacherCheck(_Oracle(), _batches(), baseline_ckpt=baseline, reference_ckpt=reference)
+    report = check.check()
+    assert check.warnings == [] and {"teacher", "baseline", "reference"} <= set(report)

@@ -218,3 +218,26 @@ def test_volume_table_shows_the_largest_component_metrics_when_evaluated(fake_ru
     assert v.loc["KD(T1,S1) B", "volume_dice_lcc_mean"] == pytest.approx(0.91)
     header = (tmp_path / "lcc" / "volume.md").read_text().splitlines()[0]
     assert "volume_dice_lcc" in header and "volume_hd95_lcc" in header
+
+
+def test_the_end_of_a_validation_curve_says_whether_training_converged(tmp_path):
+    from mkd.reports.report import convergence_table, curve_end_change
+
+    path = tmp_path / "metrics.csv"
+    curve = [0.5, 0.7, 0.80, 0.82, 0.84, 0.85, 0.85, 0.86]
+    path.write_text("epoch,val_pooled_dice\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(curve)))
+    # last 3: (0.85 + 0.85 + 0.86) / 3 = 0.853333; the 3 before: (0.80 + 0.82 + 0.84) / 3 = 0.82
+    assert curve_end_change(path) == pytest.approx(0.0333333, abs=1e-6)
+    assert curve_end_change(path, window=4) == pytest.approx(
+        (0.84 + 0.85 + 0.85 + 0.86) / 4 - (0.5 + 0.7 + 0.8 + 0.82) / 4
+    )
+    path.write_text("epoch,val_pooled_dice\n1,0.5\n2,0.6\n")
+    assert curve_end_change(path) is None  # too short to tell
+    assert curve_end_change(tmp_path / "missing.csv") is None
+    path.write_text("")
+    assert curve_end_change(path) is None
+    runs = pd.DataFrame({"method": ["S1", "S1", "KD"], "epochs": [15, 15, 15], "best_epoch": [14, 15, 13],
+                         "val_last_change": [0.001, 0.003, -0.002]})  # fmt: skip
+    table = convergence_table(runs)
+    assert table["method"].tolist() == ["S1", "KD"] and table["best epoch"].tolist() == ["14, 15", "13"]
+    assert table.iloc[0]["val Dice, last 3 epochs - 3 before"] == "+0.0020 ± 0.0014"
