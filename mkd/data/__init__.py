@@ -5,6 +5,7 @@ Importing this package imports MONAI (the transforms are MONAI ``MapTransform``s
 
 from __future__ import annotations
 
+from mkd.data.augment import AUGMENTS, MIXES, RandMixSlicesd, augmentation_transforms, batch_mix
 from mkd.data.decathlon import Case, Task, download_task, extract_task, locate_task, read_task, verify_md5
 from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, PHANTOM_TASK, phantom_case, write_phantom
 from mkd.data.prepare import (
@@ -30,6 +31,11 @@ from mkd.data.transforms import (
 )
 
 __all__ = [
+    "AUGMENTS",
+    "MIXES",
+    "RandMixSlicesd",
+    "augmentation_transforms",
+    "batch_mix",
     "CACHE_PREFIX",
     "LoadTeacherCached",
     "TeacherCache",

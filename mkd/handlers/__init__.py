@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mkd.handlers.batch_augmentation import BatchAugmentation
 from mkd.handlers.checkpoint import AtomicCheckpointSaver
 from mkd.handlers.csv_logger import LOSS_TERMS_KEY, EpochCSVLogger
 from mkd.handlers.distillation import (
@@ -29,6 +30,7 @@ from mkd.handlers.teacher_check import TeacherCheck, validation_quality
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BatchAugmentation",
     "DistillationHandler",
     "TeacherCheck",
     "validation_quality",

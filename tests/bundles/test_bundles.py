@@ -356,6 +356,60 @@ def test_distill_with_a_teacher_of_another_input_size_is_a_clear_error(tiny_prep
     assert not (tmp_path / "d").exists()
 
 
+def _untrained_teacher(path: Path) -> Path:
+    from mkd.networks import build, save_checkpoint
+
+    run = {"bundle": "teacher", "role": "teacher", "image_size": [32, 32]}
+    return save_checkpoint(path, build("t1", preset="tiny"), run=run)
+
+
+def test_augment_gives_the_baseline_and_the_distilled_student_the_same_views(tiny_prepared, tmp_path):
+    """`--set augment=consistent` lives in train.json: the baseline student's training pipeline is the distilled
+    student's, random transforms included, and draws the same views from the same seed."""
+    from monai.transforms import Compose, Randomizable
+
+    from mkd.bundle import bundle_configs
+    from mkd.data import LoadTeacherCached
+
+    common = {"dataset_dir": str(tiny_prepared), "image_size": [32, 32], "augment": "consistent"}
+    student = compose_config(bundle_configs("student", "cpu"), common)
+    distill = compose_config(bundle_configs("distill", "cpu"),
+                             {**common, "teacher_ckpt": str(_untrained_teacher(tmp_path / "t.pt"))})  # fmt: skip
+    pipelines, added = [], []
+    for parser in (student, distill):
+        transforms = parser.get_parsed_content("train#preprocessing").transforms
+        pipelines.append(Compose([t for t in transforms if not isinstance(t, LoadTeacherCached)]))  # a no-op here
+        # after loading and resizing (the distilled student's FillMissingLabeld, for the transfer set, is extra)
+        n_plain = len(parser.get_parsed_content("preprocessing").transforms)
+        added.append([type(t).__name__ for t in pipelines[-1].transforms[n_plain:]])
+    assert added[0] == added[1] == ["RandFlipd", "RandFlipd", "RandAffined", "RandScaleIntensityd",
+                                    "RandShiftIntensityd", "EnsureTyped"]  # fmt: skip
+    assert not any(isinstance(t, Randomizable) for t in student.get_parsed_content("preprocessing").transforms)
+    item = student.get_parsed_content("train#data")[0]
+    assert item in distill.get_parsed_content("train#data")
+    plain = student.get_parsed_content("preprocessing")(dict(item))
+    views = []
+    for pipeline in pipelines:
+        pipeline.set_random_state(3)
+        views.append(pipeline(dict(item)))
+    for key in ("image", "label"):
+        assert torch.equal(views[0][key], views[1][key]), key
+    assert not torch.equal(views[0]["image"], plain["image"])
+
+
+@pytest.mark.slow
+def test_augmented_distillation_runs_the_teacher_live_and_records_its_views(tiny_prepared, tmp_path):
+    out = tmp_path / "distill"
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(_untrained_teacher(tmp_path / "t.pt")),
+                 "scales": ["bn"], "pmd": True, "augment": "consistent"}  # fmt: skip
+    run_bundle("distill", out, tiny_prepared, overrides=overrides)
+    assert not (out / "teacher_cache").exists()  # no cache: the teacher ran on each augmented batch
+    df = pd.read_csv(out / "metrics.csv")
+    assert df["train_pmd"].iloc[0] > 0 and df["train_seg"].iloc[0] > 0
+    run = torch.load(out / "models" / "model.pt", weights_only=True)["run"]
+    assert (run["augment"], run["mix"]) == ("consistent", "mixup")
+
+
 def test_distill_with_missing_teacher_is_a_clear_error(tiny_prepared, tmp_path):
     overrides = {**TINY_STUDENT, "teacher_ckpt": str(tmp_path / "none.pt")}
     with pytest.raises(InputError, match=r"none\.pt: teacher checkpoint not found"):

@@ -142,3 +142,33 @@ def test_early_stopping_is_attached_in_run_and_only_when_it_can_stop(role):
     for multi in ([], ["multi_gpu_train"]):
         run = compose_config(bundle_configs(role, "cpu", multi))["run"]
         assert sum("@validate#early_stop.attach(@validate#evaluator)" in r.replace("::", "#") for r in run) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cached"),
+    [
+        ({}, True),
+        ({"augment": "consistent"}, False),
+        ({"augment": "consistent", "mix": "none"}, False),  # random views alone
+        ({"augmentation": [{"_target_": "RandFlipd", "keys": ["image", "label"], "prob": 0.5}]}, False),
+        ({"use_cache": False}, False),
+    ],
+)
+def test_the_teacher_cache_is_on_exactly_when_nothing_is_random(overrides, cached):
+    """One rule for `augment` and an `augmentation` list: the cache cannot hold the teacher's outputs for random
+    views, so any random transform switches it off and the teacher runs live on the student's batch."""
+    parser = compose_config(bundle_configs("distill", "cpu"), overrides)
+    assert parser.get_parsed_content("teacher_cache#_disabled_") is (not cached)
+
+
+@pytest.mark.parametrize("role", ["student", "distill"])
+def test_augment_adds_the_slice_mix_handler_to_both_students(role):
+    plain = compose_config(bundle_configs(role, "cpu"))
+    assert "BatchAugmentation" not in _handlers(plain, "train#trainer#train_handlers")
+    assert plain.get_parsed_content("augmentation") == [] and plain.get_parsed_content("mix_transform") is None
+    parser = compose_config(bundle_configs(role, "cpu"), {"augment": "consistent"})
+    assert "BatchAugmentation" in _handlers(parser, "train#trainer#train_handlers")
+    mix = parser.get_parsed_content("mix_transform")
+    assert (type(mix).__name__, mix.mode) == ("RandMixSlicesd", "mixup")
+    cutmix = compose_config(bundle_configs(role, "cpu"), {"augment": "consistent", "mix": "cutmix"})
+    assert cutmix.get_parsed_content("mix_transform").mode == "cutmix"

@@ -416,3 +416,38 @@ def test_the_diagnosis_grids_declared_terms_reach_the_bundle_as_plain_data():
         assert parser.get_parsed_content("teacher_cache#logits")  # PMD, and region affinity's teacher logits
         # the affinity terms need the teacher's bn maps, not vectors
         assert parser.get_parsed_content("teacher_cache#pool") == (tag in ("cwd", "dist")), tag
+
+
+def test_augmented_step_gives_the_teacher_the_students_very_input():
+    """Function matching: in one step with random views and the slice mix, the live teacher's input is the tensor
+    the student received (after every random transform and the mix), not the un-augmented slice."""
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+
+    from mkd.data import RandMixSlicesd, augmentation_transforms
+    from mkd.handlers import BatchAugmentation
+
+    set_determinism(seed=0)
+    items = _items(4)
+    teacher, student, projector, handler = _setup(scales=("bn",), pmd=True)
+    loader = DataLoader(Dataset(items, Compose(augmentation_transforms("consistent"))), batch_size=4)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=student,
+        optimizer=torch.optim.SGD(list(student.parameters()) + list(projector.parameters()), lr=0.0),
+        loss_function=DiceLoss(sigmoid=True),
+    )
+    BatchAugmentation(RandMixSlicesd(keys="image", label_key="label", prob=1.0)).attach(trainer)
+    handler.attach(trainer)
+    seen = {}
+    for name, net in (("student", student), ("teacher", teacher)):
+        net.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0].clone()))
+    trainer.run()
+    set_determinism(seed=None)
+    assert handler.live_steps == 1 and handler.cached_steps == 0
+    assert torch.equal(seen["teacher"], seen["student"])
+    plain = torch.stack([d["image"] for d in items])
+    assert seen["student"].shape == plain.shape and not torch.equal(seen["student"], plain)
