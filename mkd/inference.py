@@ -353,15 +353,21 @@ def load_volume(path: str | os.PathLike) -> Volume:
     header = None
     try:
         if path.is_dir():
-            _check_dicom_folder(path)
-            data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+            from mkd.utils import keep_locale
+
+            with keep_locale():  # GDCM leaves the process in the "C" locale
+                _check_dicom_folder(path)
+                data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
         elif _is_nifti(path):
             img = nib.load(str(path))
             header = img.header.copy()
             data = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
             affine = np.asarray(img.affine, dtype=np.float64)
         else:
-            data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+            from mkd.utils import keep_locale
+
+            with keep_locale():
+                data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure means a bad input

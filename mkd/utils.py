@@ -122,6 +122,23 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", newline: str | None 
             yield fh
 
 
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process's C locale after the block: ITK's GDCM (DICOM) reader and writer set it to "C".
+
+    Python reads the locale's encoding as the default of ``open()`` / ``Path.read_text()``; after
+    GDCM had run it was ASCII, and reading any UTF-8 text with a '±' failed later in the process.
+    """
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(locale.Error):
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as fh:

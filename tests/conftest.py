@@ -6,6 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from mkd.utils import keep_locale
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """Tests that write DICOM with ITK directly: GDCM leaves the "C" locale behind (mkd's reader restores it)."""
+    with keep_locale():
+        yield
+
+
 #: Settings of the shared tiny dataset (kept small: the fixtures take a few seconds).
 TINY_CASES = 8
 TINY_SHAPE = (64, 64, 16)

@@ -497,8 +497,8 @@ def test_two_training_processes_into_one_folder(tiny_prepared, tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "problem"),
     [
-        ("epochs", "abc", 'epochs="abc": epochs is an integer in the student bundle (25), got a string'),
-        ("epochs", 2.5, "epochs=2.5: epochs is an integer in the student bundle (25), got a number"),
+        ("epochs", "abc", 'epochs="abc": epochs is an integer in the student bundle (15), got a string'),
+        ("epochs", 2.5, "epochs=2.5: epochs is an integer in the student bundle (15), got a number"),
         ("image_size", 32, "image_size=32: image_size is a list in the student bundle ([96, 96]), got an integer"),
         ("amp_x", 1, None),
     ],

@@ -10,14 +10,18 @@ import pytest
 
 from mkd.bundle import PROFILES, ROLES, bundle_configs, bundle_dir, compose_config
 
-# the settings of bundles/{teacher,student,distill}/configs/{train,profile_*}.json before the merge
+# the settings of bundles/{teacher,student,distill}/configs/{train,profile_*}.json before the merge, with the
+# CPU profiles of issue 17: the teacher up to 30 epochs with smoothed early stopping (at least 12, patience 5),
+# the students 15 epochs of a fixed number of steps (one pass over every training and unlabelled slice)
 SETTINGS = {
-    ("teacher", "cpu"): dict(epochs=20, batch_size=8, learning_rate=1e-3, arch="t1", network_preset="small",
-                             image_size=[96, 96], train_split="training", early_stop_patience=3),
+    ("teacher", "cpu"): dict(epochs=30, batch_size=8, learning_rate=1e-3, arch="t1", network_preset="small",
+                             image_size=[96, 96], train_split="training", early_stop_patience=5,
+                             early_stop_min_epochs=12, early_stop_smoothing=0.6, epoch_splits=None),
     ("teacher", "thesis"): dict(epochs=200, batch_size=8, learning_rate=1e-4, arch="t1", network_preset="thesis",
                                 image_size=[256, 256], train_split="training", early_stop_patience=0),
-    ("student", "cpu"): dict(epochs=25, batch_size=16, learning_rate=1e-2, arch="s1", network_preset="thesis",
-                             image_size=[96, 96], train_split="student", early_stop_patience=0),
+    ("student", "cpu"): dict(epochs=15, batch_size=16, learning_rate=1e-2, arch="s1", network_preset="thesis",
+                             image_size=[96, 96], train_split="student", early_stop_patience=0,
+                             epoch_splits=["training", "unlabelled"]),
     ("student", "thesis"): dict(epochs=120, batch_size=20, learning_rate=1e-2, arch="s1", network_preset="thesis",
                                 image_size=[256, 256], train_split="student", early_stop_patience=0),
 }  # fmt: skip

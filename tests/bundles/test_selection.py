@@ -72,7 +72,8 @@ def test_every_bundle_trains_with_the_same_segmentation_loss():
 
 
 def test_teacher_stops_early_when_validation_stops_improving():
-    config = _parsed("teacher", {"early_stop_patience": 2})
+    # the raw-curve rule (no smoothing, no minimum); the CPU profile's smoothed rule: tests/handlers/test_schedule.py
+    config = _parsed("teacher", {"early_stop_patience": 2, "early_stop_min_epochs": 0, "early_stop_smoothing": 0.0})
     stopper = config.get_parsed_content("validate#early_stop")
     trainer = Engine(lambda e, b: None)
     stopper.set_trainer(trainer)

@@ -180,9 +180,16 @@ def test_dicom_series_with_missing_slices_is_refused(tmp_path):
 
 
 def test_complete_dicom_series_loads_with_its_spacing(tmp_path):
-    from mkd.inference import load_volume
+    import locale
 
-    vol = load_volume(write_series(tmp_path / "series", [1.5 * i for i in range(5)]))
+    from mkd.inference import load_volume
+    from mkd.utils import keep_locale
+
+    with keep_locale():  # the test's own ITK writer leaves the "C" locale behind
+        series = write_series(tmp_path / "series", [1.5 * i for i in range(5)])
+    before = locale.setlocale(locale.LC_ALL)
+    vol = load_volume(series)
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's reader does not change the process's encoding
     assert vol.shape == (8, 8, 5)
     assert abs(float(vol.affine[2, 2]) - 1.5) < 1e-6
 
