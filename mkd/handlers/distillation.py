@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
 #: the ``input`` of a distillation term that compares the student's and the teacher's logits
 LOGITS = "logits"
+#: the weight keys that are not feature scales: the trainer's own loss and the terms on the logits
+LOGIT_TERMS = ("seg", "pmd", "dice")
 
 #: Distillation recipes: default term weights and temperatures of a run (docs/distill.md).
 #: ``thesis`` is the thesis's T1 -> S1 setting (T = 4, tau = 0.4, in-batch negatives as they come);
@@ -88,6 +90,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pmd_temperature": 1.0,
         "neighbour_distance": 3,
         "transfer": False,
+        "dice_hard": False,
     },
     "thesis": {
         "weights": dict(THESIS_WEIGHTS),
@@ -95,6 +98,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pmd_temperature": 4.0,
         "neighbour_distance": 0,
         "transfer": False,
+        "dice_hard": False,
     },
     # chosen for "half the labels + distillation vs all labels" (docs/distill.md, "Labels saved") before
     # grids/kd_labels_cpu.yaml ran on seeds 30-34: the recommended B+PMD terms plus the unlabelled transfer
@@ -105,6 +109,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pmd_temperature": 1.0,
         "neighbour_distance": 3,
         "transfer": True,
+        "dice_hard": False,
     },
 }
 DEFAULT_RECIPE = "recommended"
@@ -301,19 +306,23 @@ def distillation_terms(
     max_samples: int = 1024,
     pmd_temperature: float = 4.0,
     neighbour_distance: int = 0,
+    dice_hard: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """The terms of the CLI's settings: one ``LOSS_SCALE`` term per weighted scale and ``pmd`` on the logits.
+    """The terms of the CLI's settings: one ``LOSS_SCALE`` term per weighted scale, ``pmd`` and ``dice`` on the logits.
 
     Args:
-        weights: ``{term: weight}`` of :func:`distillation_weights` (``seg``, the scales, ``pmd``).
+        weights: ``{term: weight}`` of :func:`distillation_weights` (``seg``, the scales, ``pmd`` and, when
+            given, ``dice``: batch Dice against the teacher's prediction, :class:`~mkd.losses.SoftDiceKD`).
         loss: a name in :data:`mkd.losses.LOSSES` (``--loss``), the feature loss of every scale.
         temperature, mode, symmetric, max_samples, neighbour_distance: settings of the feature
             loss; each is given to it when its constructor takes that argument.
         pmd_temperature: the temperature of :class:`~mkd.losses.PMDLoss`.
+        dice_hard: the ``dice`` term's target is the teacher's thresholded mask (pseudo-labels), not its
+            probabilities.
 
     Returns:
         ``{name: {"input": scale or "logits", "loss": module, "weight": float}}``, the scales in
-        the order of ``weights``, then ``pmd``.
+        the order of ``weights``, then ``pmd``, then ``dice``.
 
     Raises:
         ValueError: ``loss`` is not in :data:`mkd.losses.LOSSES`, or it does not apply to feature scales
@@ -326,7 +335,7 @@ def distillation_terms(
     """
     from monai.utils import look_up_option
 
-    from mkd.losses import LOSSES, PMDLoss
+    from mkd.losses import LOSSES, PMDLoss, SoftDiceKD
 
     feature_loss = look_up_option(loss, LOSSES)
     if _FEATURES not in getattr(feature_loss, "inputs", (_FEATURES,)):
@@ -342,10 +351,12 @@ def distillation_terms(
     terms = {
         f"{loss}_{scale}": {"input": scale, "loss": feature_loss(**kwargs), "weight": float(w)}
         for scale, w in weights.items()
-        if scale not in ("seg", "pmd")
+        if scale not in LOGIT_TERMS
     }
     if "pmd" in weights:
         terms["pmd"] = {"input": LOGITS, "loss": PMDLoss(temperature=pmd_temperature), "weight": float(weights["pmd"])}
+    if "dice" in weights:
+        terms["dice"] = {"input": LOGITS, "loss": SoftDiceKD(hard=dice_hard), "weight": float(weights["dice"])}
     return terms
 
 
@@ -357,7 +368,8 @@ def distillation_weights(
 ) -> dict[str, float]:
     """The ``{term: weight}`` mapping for a run: the recipe's defaults for ``scales``, updated by ``weights``.
 
-    Terms are the scales, ``seg`` and ``pmd`` (0 unless ``pmd`` is true or given in ``weights``).
+    Terms are the scales, ``seg`` and ``pmd`` (0 unless ``pmd`` is true or given in ``weights``), and
+    ``dice`` (Dice against the teacher's prediction) when the recipe has it or ``weights`` gives it.
 
     Args:
         scales: the distilled feature scales.
@@ -376,10 +388,12 @@ def distillation_weights(
     for s in scales:
         out[s] = defaults.get(s, 0.1)
     out["pmd"] = defaults["pmd"] if pmd else 0.0
+    if "dice" in defaults or "dice" in (weights or {}):
+        out["dice"] = defaults.get("dice", 0.0)
     for k, v in (weights or {}).items():
         if k not in out:
             raise ValueError(
-                f"weight for {k!r} given, but {k!r} is not a selected scale, 'seg' or 'pmd' ({list(out)})."
+                f"weight for {k!r} given, but {k!r} is not a selected scale, 'seg', 'pmd' or 'dice' ({list(out)})."
             )
         out[k] = float(v)
     return out

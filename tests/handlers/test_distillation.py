@@ -189,6 +189,23 @@ def test_weights_for_unselected_terms_are_rejected():
         distillation_weights(["bn"], {"dec": 0.3})
 
 
+def test_dice_weight_adds_a_dice_term_against_the_teacher_on_the_logits():
+    """``--weights dice=W`` (or a recipe's ``dice``) adds SoftDiceKD on the logits; without it there is no term."""
+    from mkd.losses import SoftDiceKD
+
+    assert "dice" not in distillation_weights(["bn"], pmd=True, recipe="transfer")
+    weights = distillation_weights(["bn"], {"dice": 0.5}, pmd=True, recipe="transfer")
+    assert weights == {"seg": 1.0, "bn": 0.2, "pmd": 1.0, "dice": 0.5}
+    soft = distillation_terms(weights)["dice"]
+    hard = distillation_terms(weights, dice_hard=True)["dice"]
+    assert soft["input"] == "logits" and soft["weight"] == 0.5 and isinstance(soft["loss"], SoftDiceKD)
+    assert not soft["loss"].hard and hard["loss"].hard
+    # student p = (0.5, 0.5), teacher mask (1, 0): 1 - 2 * 0.5 / (1 + 1) with pseudo-labels
+    s, t = torch.zeros(1, 1, 1, 2), torch.tensor([[[[20.0, -20.0]]]])
+    assert hard["loss"](s, t).item() == pytest.approx(0.5, abs=1e-4)
+    assert list(distillation_terms(weights)) == ["contrastive_bn", "pmd", "dice"]
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"nope\.pt: teacher checkpoint not found"):
         load_teacher(tmp_path / "nope.pt")
