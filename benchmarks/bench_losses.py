@@ -31,6 +31,7 @@ from mkd.losses import (
     PairwiseAffinityLoss,
     PMDLoss,
     RegionAffinityLoss,
+    SoftDiceKD,
 )
 from mkd.networks import FeatureRecorder, build
 from mkd.networks.projector import match_spatial
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         case("pmd (T=4)", PMDLoss(4.0), s_logits, t_logits),
         case("cwd (T=4)", CWDLoss(4.0), s_logits, t_logits),
         case("dist", DISTLoss(), s_logits, t_logits),
+        case("soft_dice", SoftDiceKD(), s_logits, t_logits),
+        case("soft_dice (hard, pseudo-labels)", SoftDiceKD(hard=True), s_logits, t_logits),
         case("contrastive bn (image)", InfoNCELoss(0.4), emb["bn"], torch.randn_like(emb["bn"])),
         case("mse bn", FeatureMSELoss(), emb["bn"], torch.randn_like(emb["bn"])),
         case("cwd bn (projected)", CWDLoss(4.0), emb["bn"], torch.randn_like(emb["bn"])),

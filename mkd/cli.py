@@ -605,7 +605,8 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     "--weights",
     default=None,
     metavar="TERM=W,...",
-    help="Override weights of seg, pmd and the scales, e.g. bn=0.2,pmd=0.5 (default: the recipe's).",
+    help="Override weights of seg, pmd, dice (Dice against the teacher's prediction) and the scales, e.g. "
+    "bn=0.2,pmd=0.5,dice=1 (default: the recipe's).",
 )
 @click.option("--tau", type=float, default=None, help="InfoNCE temperature (default: the recipe's).")
 @click.option("--pmd-temperature", type=float, default=None, help="PMD temperature T (default: the recipe's).")
