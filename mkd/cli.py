@@ -621,7 +621,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     "--transfer/--no-transfer",
     default=None,
     help="Also learn from the teacher on unlabelled slices: training patients outside the student's half "
-    "and imagesTs (their labels are never read). Default: the recipe's (on for --recipe transfer).",
+    "and imagesTs (their labels are never read). Default: the recipe's (on for --recipe transfer and pseudo).",
 )
 @click.option(
     "--baseline",

@@ -159,6 +159,18 @@ def test_shipped_grids_mirror_the_thesis_tables():
     assert all(
         "epoch_splits" not in r.settings and "epochs" not in r.settings for r in labels.runs if r.kind != "teacher"
     )
+    # the Dice-target selection (seeds 0-2) and its confirmation (seeds 30-34) share the labels grid's teacher
+    dice_select, dice_confirm = (load_grid(ROOT / "grids" / f"{n}.yaml") for n in ("kd_dice_select_cpu",
+                                                                                   "kd_labels_dice_cpu"))  # fmt: skip
+    teachers = {r.id: r.settings for g in (labels, dice_select, dice_confirm) for r in g.runs if r.kind == "teacher"}
+    assert teachers == {"teacher-t1-seed0": {"epochs": 30, "early_stop_patience": 0}}
+    assert dice_select.seeds == [0, 1, 2] and dice_confirm.seeds == [30, 31, 32, 33, 34]
+    assert sorted(r.settings.get("dice_hard", False) for r in dice_select.runs if r.kind == "distill") == [0] * 3 + [1] * 3
+    assert all(r.weights == {"dice": 1.0} and r.transfer for r in dice_select.runs if r.kind == "distill")
+    assert dice_confirm.count() == {"teacher": 1, "student": 10, "distill": 15}
+    assert {r.method for r in dice_confirm.runs if r.kind == "distill"} == {
+        "KD(T1,S1) B+PMD (pseudo recipe) +transfer", "Self-training(S1) B+PMD (pseudo recipe) +transfer",
+        "KD(T1,S1) B+PMD (pseudo recipe)"}  # fmt: skip
 
 
 def _write_grid(tmp_path: Path, config: dict) -> Path:

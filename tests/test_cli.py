@@ -54,7 +54,7 @@ def test_distill_recipe_options_reach_the_bundle(tmp_path, monkeypatch):
     assert over["recipe"] == "thesis" and over["pmd_temperature"] == 2.0 and over["neighbour_distance"] == 5
     assert over["transfer"] is True and "temperature" not in over  # tau: the recipe's
     res = _invoke("distill", "--teacher", str(teacher), "--recipe", "best")
-    assert res.exit_code == 2 and "'best' is not one of 'recommended', 'thesis', 'transfer'" in res.output
+    assert res.exit_code == 2 and "'best' is not one of 'recommended', 'thesis', 'transfer', 'pseudo'" in res.output
     res = _invoke("distill", "--teacher", str(teacher), "--baseline", str(tmp_path / "nope.pt"))
     assert res.exit_code == 1 and res.output.strip().endswith(
         "nope.pt: baseline checkpoint not found (--baseline); train one with `mkd student`"
@@ -83,13 +83,28 @@ def test_the_recipe_decides_the_transfer_set_and_says_so_in_one_line(tiny_prepar
     student = len(load_split(tiny_prepared, "student"))
     transfer = len(load_split(tiny_prepared, "transfer"))
     assert transfer > 0
-    for recipe, extra in (("recommended", 0), ("thesis", 0), ("transfer", transfer)):
+    for recipe, extra in (("recommended", 0), ("thesis", 0), ("transfer", transfer), ("pseudo", transfer)):
         config = compose_config(bundle_configs("distill", "cpu"), {"dataset_dir": str(tiny_prepared), "recipe": recipe})
         with caplog.at_level(logging.INFO, logger="mkd.handlers.distillation"):
             caplog.clear()
             assert len(config.get_parsed_content("train#data")) == student + extra
         said = [r.getMessage() for r in caplog.records if "transfer set on" in r.getMessage()]
         assert len(said) == (1 if extra else 0) and (not said or f"on {transfer} unlabelled slices" in said[0])
+
+
+def test_the_pseudo_recipe_adds_dice_against_the_teachers_mask_and_a_setting_turns_it_soft(tiny_prepared):
+    from mkd.bundle import bundle_configs, compose_config
+
+    def dice_term(overrides):
+        config = compose_config(bundle_configs("distill", "cpu"), {"dataset_dir": str(tiny_prepared), **overrides})
+        weights = config.get_parsed_content("weights")
+        return weights.get("dice"), config.get_parsed_content("recipe_terms").get("dice")
+
+    weight, term = dice_term({"recipe": "pseudo"})
+    assert weight == 1.0 and term["input"] == "logits" and term["loss"].hard
+    weight, term = dice_term({"recipe": "pseudo", "dice_hard": False, "weight_overrides": {"dice": 0.5}})
+    assert weight == 0.5 and not term["loss"].hard
+    assert dice_term({"recipe": "recommended"}) == (None, None)
 
 
 def test_training_commands_reject_a_malformed_set(tmp_path):
