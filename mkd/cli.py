@@ -596,10 +596,11 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 @click.option(
     "--recipe",
     type=click.Choice(_RECIPES),
-    default="recommended",
+    default="pseudo",  # mkd.handlers.DEFAULT_RECIPE (tests/test_cli.py checks that they agree)
     show_default=True,
-    help="Default weights and temperatures (docs/distill.md): the one chosen on validation data, or the "
-    "thesis's (seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2, T 4, tau 0.4, no neighbour mask).",
+    help="Default weights, temperatures and transfer set (docs/distill.md): pseudo (B+PMD, Dice against the "
+    "teacher's mask, the unlabelled transfer set: the one confirmed better than its baseline), recommended, "
+    "transfer, or the thesis's (seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2, T 4, tau 0.4, no neighbour mask).",
 )
 @click.option(
     "--weights",

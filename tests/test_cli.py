@@ -92,6 +92,15 @@ def test_the_recipe_decides_the_transfer_set_and_says_so_in_one_line(tiny_prepar
         assert len(said) == (1 if extra else 0) and (not said or f"on {transfer} unlabelled slices" in said[0])
 
 
+def test_one_default_recipe_for_the_cli_the_bundle_and_the_library():
+    from mkd.bundle import bundle_configs, compose_config
+    from mkd.handlers import DEFAULT_RECIPE
+
+    option = next(p for p in cli.commands["distill"].params if p.name == "recipe")
+    bundle = compose_config(bundle_configs("distill", "cpu"), {}).get("recipe")
+    assert option.default == bundle == DEFAULT_RECIPE == "pseudo"
+
+
 def test_the_pseudo_recipe_adds_dice_against_the_teachers_mask_and_a_setting_turns_it_soft(tiny_prepared):
     from mkd.bundle import bundle_configs, compose_config
 

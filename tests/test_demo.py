@@ -26,14 +26,14 @@ def test_demo_runs_every_step_and_prints_the_comparison(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     runs = sorted(p.name for p in (out / "runs").iterdir() if (p / "run.json").is_file())
     assert runs == [
-        "distill-s1-t1-bn+pmd-contrastive-f0.5-recommended-seed0",
+        "distill-s1-t1-bn+pmd-contrastive-f0.5-pseudo-transfer-seed0",
         "student-s1-f0.5-seed0",
         "teacher-t1-seed0",
     ]
     for run in runs:  # every model was evaluated on the test patients
         summary = json.loads((out / "runs" / run / "eval" / "test" / "summary.json").read_text())
         assert summary["split"] == "test"
-    for label in ("S1", "KD(T1,S1) B+PMD (recommended recipe)", "n_seeds"):
+    for label in ("S1", "KD(T1,S1) B+PMD (pseudo recipe) +transfer", "n_seeds"):
         assert label in result.output
     assert "figure: " in result.output and "demo finished in" in result.output
     steps = json.loads((out / "demo.json").read_text())["steps"]
