@@ -609,7 +609,8 @@ def test_a_new_kd_loss_is_one_class_and_one_config_entry(tiny_prepared, tmp_path
     teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"),
                               run={"role": "teacher", "image_size": [32, 32]})  # fmt: skip
     term = {"input": "bn", "loss": {"_target_": f"{__name__}.CosineKD"}, "weight": 0.5}
-    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher), "terms": {"cosine_bn": term}}
+    overrides = {**TINY_STUDENT, "epochs": 1, "teacher_ckpt": str(teacher), "terms": {"cosine_bn": term},
+                 "recipe": "recommended"}  # fmt: skip
     run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
     df = pd.read_csv(tmp_path / "d" / "metrics.csv")
     assert (df["train_cosine_bn"] > 0).all() and (df["train_contrastive_bn"] > 0).all()
