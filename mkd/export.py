@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
 from mkd.utils import atomic_path
 
 __all__ = [
@@ -340,7 +340,7 @@ def export_checkpoint(
     except (RuntimeError, ValueError) as err:
         if isinstance(err, MkdError):
             raise
-        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {str(err).strip().splitlines()[0]}") from err
+        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {first_line(err, 300)}") from err
     logger.info("exported %s to %s (%s)", checkpoint, output, fmt)
     return result
 
@@ -394,7 +394,7 @@ def _cache_problem(path: Path, key: Mapping[str, Any]) -> str | None:
         props = {p.key: p.value for p in proto.metadata_props}
         meta = json.loads(props[METADATA_KEY])
     except Exception as err:  # noqa: BLE001 - any failure to read it means "do not use it"
-        return f"unreadable ({_first_line(err)})"
+        return f"unreadable ({first_line(err)})"
     cached = meta.get("cache") if isinstance(meta, Mapping) else None
     if not isinstance(cached, Mapping):
         return "no cache record in its metadata"
@@ -402,11 +402,6 @@ def _cache_problem(path: Path, key: Mapping[str, Any]) -> str | None:
         if cached.get(k) != v:
             return f"stale ({k} {cached.get(k)!r}, expected {v!r})"
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def cached_onnx(

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mkd.data.checks import check_finite, check_resampled_size, warn_if_not_ct
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
 from mkd.metrics.segmentation import keep_largest_component
 from mkd.utils import atomic_path
 
@@ -259,11 +259,6 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
 def _check_dicom_folder(path: Path) -> None:
     """Exactly one DICOM series in ``path`` (ITK's GDCM series scan) with evenly spaced slices, else InputError."""
     import itk
@@ -372,7 +367,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure means a bad input
         what = "a DICOM series" if path.is_dir() else "an image"
-        raise InputError(path, f"cannot read as {what} ({_first_line(err)})") from err
+        raise InputError(path, f"cannot read as {what} ({first_line(err, 300)})") from err
     if data.ndim != 3:
         kind = "2D image" if data.ndim == 2 else f"{data.ndim}D image"
         raise InputError(path, f"is a {kind} of shape {tuple(data.shape)}; expected one 3D volume")

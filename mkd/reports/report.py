@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mkd.bundle import KEY_METRIC
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
 from mkd.reports.tables import (
     DEFAULT_METRICS,
     format_table,
@@ -657,8 +657,7 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"empty or not a CSV table ({why}); {todo}") from None
+        raise InputError(path, f"empty or not a CSV table ({first_line(err, 120)}); {todo}") from None
     if "epoch" not in df.columns or df["epoch"].isna().any():
         raise InputError(path, f"no 'epoch' column (or empty epochs): not a metrics.csv written by mkd; {todo}")
     return df
