@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from mkd.data.checks import check_finite, check_resampled_size, warn_if_not_ct
 from mkd.errors import InputError, MkdError, first_line
 from mkd.metrics.segmentation import keep_largest_component
+from mkd.networks.checkpoint import CheckpointRecord
 from mkd.utils import atomic_path
 
 __all__ = [
@@ -129,20 +130,8 @@ class InferenceSettings:
         }
 
 
-def _checkpoint_preprocessing(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings a checkpoint records: ``ckpt["preprocessing"]`` or ``ckpt["run"]["preprocessing"]``.
-
-    Same schema as ``prepare.json``'s ``settings`` (``window``, ``channels``, ``spacing``, ``size``).
-    """
-    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
-    for candidate in (ckpt.get("preprocessing"), run.get("preprocessing")):
-        if isinstance(candidate, Mapping):
-            return dict(candidate)
-    return {}
-
-
 def resolve_settings(
-    checkpoint: Mapping[str, Any] | None = None,
+    checkpoint: Mapping[str, Any] | CheckpointRecord | None = None,
     data_dir: str | os.PathLike | None = None,
     window: tuple[float, float] | str | None = None,
     channels: str | None = None,
@@ -151,15 +140,23 @@ def resolve_settings(
 ) -> InferenceSettings:
     """Combine the preprocessing settings; per setting the first source that has it wins.
 
-    Order: explicit arguments, then the checkpoint (``preprocessing`` entry, prepare.json schema; the
-    training bundles record ``run.image_size``), then ``DATA/prepare.json`` of ``data_dir``, then the
-    ``mkd prepare`` defaults ([-57, 164] HU, replicate, native spacing, 256).
+    Order: explicit arguments, then the checkpoint (:attr:`CheckpointRecord.preprocessing`, prepare.json
+    schema), then ``DATA/prepare.json`` of ``data_dir``, then the ``mkd prepare`` defaults
+    ([-57, 164] HU, replicate, native spacing, 256).
 
-    The network's input size is ``checkpoint["run"]["image_size"]``, else ``size``, else the prepared size.
+    The network's input size is the checkpoint's :attr:`CheckpointRecord.image_size` (the training
+    bundles record ``run.image_size``), else ``size``, else the prepared size.
     ``size`` (the ``--size`` option) is a fall-back for checkpoints without ``run.image_size``.
     ``spacing="none"`` asks for the native grid explicitly (``None`` means "not given").
     Without a recorded prepared size (checkpoint or ``data_dir``) the slices are resized once,
     straight to the network's input size.
+
+    Args:
+        checkpoint: the checkpoint dict (as :func:`mkd.networks.load_network` returns it) or its
+            :class:`~mkd.networks.CheckpointRecord`; ``None`` for a network without metadata.
+        data_dir: a prepared dataset.
+        window, channels, spacing: explicit settings (the ``mkd infer`` options).
+        size: the network's input size for a checkpoint that records none.
 
     Raises:
         InputError: ``data_dir`` has no readable ``prepare.json``.
@@ -167,11 +164,11 @@ def resolve_settings(
     """
     from mkd.data.transforms import parse_window
 
-    ckpt = checkpoint or {}
+    record = CheckpointRecord.from_checkpoint(checkpoint)
     layers: list[tuple[str, dict[str, Any]]] = []
     explicit = {k: v for k, v in {"window": window, "channels": channels, "spacing": spacing}.items() if v is not None}
     layers.append(("option", explicit))
-    layers.append(("checkpoint", _checkpoint_preprocessing(ckpt)))
+    layers.append(("checkpoint", dict(record.preprocessing)))
     if data_dir is not None:
         from mkd.data.prepare import load_prepare_info
 
@@ -191,8 +188,7 @@ def resolve_settings(
             if key in layer:
                 chosen[key], sources[key] = layer[key], name
                 break
-    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
-    image_size: Any = run.get("image_size")
+    image_size: Any = record.image_size
     if image_size is not None:
         sources["image_size"] = "checkpoint"
     elif size is not None:
@@ -820,13 +816,14 @@ class Segmenter:
         else:
             self.checkpoint_path = Path(checkpoint)
             self.model, ckpt = load_network(checkpoint, map_location="cpu")
+        self.record = CheckpointRecord.from_checkpoint(ckpt)
         if hasattr(self.model, "reconstruct"):
             self.model.reconstruct = False
         self.model.to(self.device).eval()
         in_channels = getattr(self.model, "in_channels", 3)
         if in_channels != 3:
             raise InputError(self.checkpoint_path, f"network takes {in_channels} input channels; mkd slices have 3")
-        self.settings = resolve_settings(ckpt, data_dir, window, channels, spacing, size)
+        self.settings = resolve_settings(self.record, data_dir, window, channels, spacing, size)
         self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cpu" else 32)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -846,7 +843,7 @@ class Segmenter:
         if quantize is not None:
             from mkd.networks.registry import STUDENTS
 
-            name = (ckpt.get("network") or {}).get("name")
+            name = self.record.arch
             if name not in STUDENTS:
                 raise MkdError(
                     f"{self.checkpoint_path or 'network'}: --quantize int8 is for students ({', '.join(STUDENTS)}); "
@@ -858,10 +855,10 @@ class Segmenter:
         if self.backend_name == "torch":
             self.backend: Any = TorchBackend(self.model, self.device, channels_last and self.device.type == "cpu")
         else:
-            path = self._onnx_graph(ckpt, quantize, calibration if calibration is not None else data_dir)
+            path = self._onnx_graph(quantize, calibration if calibration is not None else data_dir)
             self.backend = OnnxRuntimeBackend(path, self.threads, quantized=quantize)
 
-    def _onnx_graph(self, ckpt: Mapping[str, Any], quantize: str | None, calibration: Any) -> Path:
+    def _onnx_graph(self, quantize: str | None, calibration: Any) -> Path:
         """The (cached) ONNX graph for this network at the input size, int8 when ``quantize``."""
         from mkd.export import cached_onnx, export_model, quantize_int8
 
@@ -873,7 +870,7 @@ class Segmenter:
                     "--quantize int8 needs calibration slices: pass --data (the prepared training data) "
                     "or --calibration DIR"
                 )
-            split = str((ckpt.get("run") or {}).get("train_split") or "train")
+            split = self.record.train_split or "train"
             extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split}
 
             def build_variant(fp32: Path, out: Path) -> None:
@@ -894,7 +891,7 @@ class Segmenter:
             self.checkpoint_path,
             size,
             model=self.model,
-            ckpt=ckpt,
+            ckpt=self.record,
             variant=quantize or "fp32",
             build_variant=build_variant,
             extra_key=extra,

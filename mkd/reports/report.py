@@ -669,11 +669,11 @@ def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device
     import torch.nn.functional as F
 
     from mkd.evaluation import slice_transform
-    from mkd.networks import FeatureRecorder, load_network
+    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
     model.to(device).eval()
-    size = list((ckpt.get("run") or {}).get("image_size") or display)
+    size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or display)
     transform = slice_transform(size)
     batch = [transform(dict(d)) for d in items]
     images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
@@ -751,12 +751,12 @@ def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_di
         notes.append("qualitative panels skipped: no distilled student with a finished baseline and checkpoints")
     # teacher reconstructions (multi-task teachers, first seed)
     for t in have[have["kind"] == "teacher"].groupby("method", sort=False).head(1).itertuples(index=False):
-        from mkd.networks import load_network
+        from mkd.networks import CheckpointRecord, load_network
 
         model, ckpt = load_network(ckpt_of[t.run_id], map_location="cpu")
         if "recon" not in getattr(model, "feature_scales", {}):
             continue
-        size = list((ckpt.get("run") or {}).get("image_size") or [64, 64])
+        size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or [64, 64])
         _, rec, images = _predict(ckpt_of[t.run_id], items, size, device, recon=True)
         rel = f"figures/reconstruction_{_slug(t.method)}.png"
         plot_reconstructions(images, rec, tmp / rel, row_labels=labels)
