@@ -20,24 +20,11 @@ from typing import Any
 
 import torch
 
+from mkd.data.transforms import slice_transform
+
 __all__ = ["EvaluationResult", "evaluate_checkpoint", "slice_transform"]
 
 logger = logging.getLogger(__name__)
-
-
-def slice_transform(image_size: Sequence[int]):
-    """The bundles' deterministic slice preprocessing: load a stored slice, resize, to tensor."""
-    from monai.transforms import Compose, EnsureTyped, Resized
-
-    from mkd.data import LoadSliced
-
-    return Compose(
-        [
-            LoadSliced(keys=("image", "label")),
-            Resized(keys=("image", "label"), spatial_size=list(image_size), mode=("area", "nearest")),
-            EnsureTyped(keys=("image", "label"), track_meta=False),
-        ]
-    )
 
 
 @dataclass

@@ -67,6 +67,26 @@ def s1_ckpt(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "s1.pt", build("s1"), run={"image_size": [64, 64]})
 
 
+def test_the_inference_package_keeps_its_public_names():
+    """mkd.inference became a package (settings, io, geometry, backends, predictor); the names stay importable.
+
+    ``infer`` (a one-line wrapper of ``Segmenter(...).segment_to_file``) and ``InferenceSettings.as_dict``
+    had no caller anywhere and are gone.
+    """
+    import mkd.inference
+
+    assert sorted(mkd.inference.__all__) == sorted(
+        ["BACKENDS", "FolderResult", "InferenceResult", "InferenceSettings", "NIFTI_SUFFIXES", "OnnxRuntimeBackend",
+         "Preprocessed", "Segmenter", "TorchBackend", "Volume", "calibration_slices", "check_folder_job",
+         "check_logits", "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component",
+         "load_volume", "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend",
+         "resolve_settings", "save_mask"]
+    )  # fmt: skip
+    assert all(hasattr(mkd.inference, name) for name in mkd.inference.__all__)
+    assert mkd.inference.Segmenter.__module__ == "mkd.inference.predictor"
+    assert not hasattr(mkd.inference, "infer") and not hasattr(mkd.inference.InferenceSettings, "as_dict")
+
+
 # --- geometry on the real CT ----------------------------------------------------------------------
 
 
@@ -421,13 +441,13 @@ def test_backend_resolution_and_threads(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_backend("torch", cpu) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    monkeypatch.setattr("mkd.inference.onnxruntime_available", lambda: False)
+    monkeypatch.setattr("mkd.inference.backends.onnxruntime_available", lambda: False)
     assert resolve_backend("auto", cpu) == "torch"
     with pytest.raises(MkdError, match=r"mkd\[onnx\]"):
         resolve_backend("onnxruntime", cpu)
     with pytest.raises(ValueError, match="backend must be one of auto, torch, onnxruntime; got 'tvm'"):
         resolve_backend("tvm", cpu)
-    monkeypatch.setattr("mkd.inference.onnxruntime_available", lambda: True)
+    monkeypatch.setattr("mkd.inference.backends.onnxruntime_available", lambda: True)
     assert resolve_backend("auto", cpu) == "onnxruntime"
     with pytest.raises(ValueError, match="runs on the CPU; got device cuda"):
         resolve_backend("onnxruntime", torch.device("cuda"))

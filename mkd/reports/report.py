@@ -668,7 +668,7 @@ def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device
     import torch
     import torch.nn.functional as F
 
-    from mkd.evaluation import slice_transform
+    from mkd.data.transforms import slice_transform
     from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
@@ -695,7 +695,7 @@ def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device
 def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_dir, device) -> None:
     import torch
 
-    from mkd.evaluation import slice_transform
+    from mkd.data.transforms import slice_transform
     from mkd.reports.figures import plot_qualitative, plot_reconstructions
 
     if data_dir is None:
