@@ -23,11 +23,15 @@ __all__ = [
     "torch_threads",
     "TorchBackend",
     "OnnxRuntimeBackend",
+    "CALIBRATION_SPLIT",
     "calibration_slices",
 ]
 
 #: ``--backend`` choices: ``auto`` = ONNX Runtime on a CPU when it is installed, else PyTorch.
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: the datalist list int8 calibration reads when the checkpoint records no ``run.train_split``: the slices of
+#: every training patient (the lists are ``training``, ``validation``, ``test``, ``student``, ``unlabelled``)
+CALIBRATION_SPLIT = "training"
 
 
 def default_threads() -> int:
@@ -145,7 +149,7 @@ class OnnxRuntimeBackend:
 
 
 def calibration_slices(
-    source: str | os.PathLike, settings: InferenceSettings, split: str = "train", n: int = 64
+    source: str | os.PathLike, settings: InferenceSettings, split: str = CALIBRATION_SPLIT, n: int = 64
 ) -> np.ndarray:
     """Network-input slices ``(n, 3, H, W)`` for int8 calibration, evenly spread over ``source``.
 
@@ -154,7 +158,8 @@ def calibration_slices(
             as in training), a folder of NIfTI CT volumes, or one volume (preprocessed as by
             :class:`Segmenter`).
         settings: the preprocessing settings; ``image_size`` is the network's input size.
-        split: datalist split of a prepared dataset.
+        split: datalist list of a prepared dataset: the checkpoint's ``run.train_split``, else
+            :data:`CALIBRATION_SPLIT` (``training``).
         n: number of slices.
 
     Raises:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from mkd.data.checks import check_finite, check_resampled_size
 from mkd.errors import InputError, MkdError
 from mkd.inference.backends import (
+    CALIBRATION_SPLIT,
     OnnxRuntimeBackend,
     TorchBackend,
     calibration_slices,
@@ -133,7 +134,7 @@ class Segmenter:
     Args:
         checkpoint: an mkd checkpoint (``RUN/models/model.pt``) or an already built network.
         data_dir: a prepared dataset whose ``prepare.json`` gives the preprocessing settings (and, with
-            ``quantize="int8"``, the default calibration slices: its training split).
+            ``quantize="int8"``, the default calibration slices: the list the checkpoint trained on).
         window: HU window ``(low, high)`` or ``"max"``; overrides checkpoint / ``data_dir``.
         channels: ``"replicate"`` or ``"2.5d"``; overrides checkpoint / ``data_dir``.
         spacing: voxel size (x, y, z) mm; overrides checkpoint / ``data_dir``.
@@ -151,8 +152,9 @@ class Segmenter:
             ``intra_op_num_threads``); ``None``: the cores this process may use.
         quantize: ``"int8"``: ONNX Runtime static int8 quantisation (students only), calibrated on
             ``calibration``.
-        calibration: calibration slices for ``quantize``: a prepared dataset folder (its training split),
-            a folder of NIfTI CT volumes or one volume; default ``data_dir``.
+        calibration: calibration slices for ``quantize``: a prepared dataset folder (the datalist list of
+            the checkpoint's ``run.train_split``, else ``training``), a folder of NIfTI CT volumes or one
+            volume; default ``data_dir``.
         channels_last: the PyTorch backend's memory format on the CPU.
 
     Raises:
@@ -241,7 +243,7 @@ class Segmenter:
                     "--quantize int8 needs calibration slices: pass --data (the prepared training data) "
                     "or --calibration DIR"
                 )
-            split = self.record.train_split or "train"
+            split = self.record.train_split or CALIBRATION_SPLIT
             extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split}
 
             def build_variant(fp32: Path, out: Path) -> None:
