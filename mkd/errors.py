@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError"]
+__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError", "first_line"]
 
 
 class MkdError(Exception):
@@ -43,3 +43,21 @@ class ExpressionError(MkdError):
 
 class LockedError(MkdError):
     """A run (or another locked thing) is held by another live process, or by one on another host."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters, for a one-line error.
+
+    Library errors (nibabel, ITK, ONNX, ...) often span many lines; mkd's messages quote only the first.
+
+    Example:
+        >>> first_line(OSError("truncated gzip stream\\nat offset 120"))
+        'truncated gzip stream'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0].strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -20,24 +20,11 @@ from typing import Any
 
 import torch
 
+from mkd.data.transforms import slice_transform
+
 __all__ = ["EvaluationResult", "evaluate_checkpoint", "slice_transform"]
 
 logger = logging.getLogger(__name__)
-
-
-def slice_transform(image_size: Sequence[int]):
-    """The bundles' deterministic slice preprocessing: load a stored slice, resize, to tensor."""
-    from monai.transforms import Compose, EnsureTyped, Resized
-
-    from mkd.data import LoadSliced
-
-    return Compose(
-        [
-            LoadSliced(keys=("image", "label")),
-            Resized(keys=("image", "label"), spatial_size=list(image_size), mode=("area", "nearest")),
-            EnsureTyped(keys=("image", "label"), track_meta=False),
-        ]
-    )
 
 
 @dataclass
@@ -95,7 +82,7 @@ def evaluate_checkpoint(
     from mkd.data import load_prepare_info, load_split
     from mkd.inference import check_logits
     from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
-    from mkd.networks import FeatureRecorder, load_network
+    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
     from mkd.utils import resolve_device
 
     t0 = time.perf_counter()
@@ -103,10 +90,10 @@ def evaluate_checkpoint(
     check_datalist(data_dir, [split])
     model, ckpt = load_network(checkpoint, map_location="cpu")
     model.to(device).eval()
-    run = ckpt.get("run") or {}
+    record = CheckpointRecord.from_checkpoint(ckpt)
     info = load_prepare_info(data_dir)
     stored = int(info["settings"]["size"])
-    size = [int(s) for s in (image_size or run.get("image_size") or (stored, stored))]
+    size = [int(s) for s in (image_size or record.image_size or (stored, stored))]
     items = load_split(data_dir, split)
 
     # voxel size of a restacked (z, rows, cols) prediction: rows = RAS x, cols = RAS y
@@ -144,7 +131,7 @@ def evaluate_checkpoint(
     summary = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "network": ckpt.get("network"),
-        "run": run,
+        "run": record.run,
         "data": str(Path(data_dir).resolve()),
         "split": split,
         "image_size": size,

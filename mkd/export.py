@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
+from mkd.networks.checkpoint import CheckpointRecord
 from mkd.utils import atomic_path
 
 __all__ = [
@@ -317,13 +318,11 @@ def export_checkpoint(
     fmt = _check_format(fmt)
     checkpoint = Path(checkpoint)
     model, ckpt = load_network(checkpoint, map_location="cpu")
-    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
+    record = CheckpointRecord.from_checkpoint(ckpt)
     if size is not None:
         input_size = (int(size), int(size))
-    elif run.get("image_size") is not None:
-        input_size = tuple(int(s) for s in run["image_size"])  # type: ignore[assignment]
     else:
-        input_size = (256, 256)
+        input_size = record.image_size or (256, 256)  # type: ignore[assignment]
     if output is None:
         output = checkpoint.with_name(checkpoint.stem + (".ts.pt" if fmt == "torchscript" else ".onnx"))
     output = Path(output)
@@ -334,29 +333,40 @@ def export_checkpoint(
     if output.exists() and not _is_export(output):
         raise InputError(output, "not a TorchScript or ONNX export (a checkpoint or another file?); --overwrite "
                          "replaces only an export: give --output another name")  # fmt: skip
-    metadata = checkpoint_metadata(checkpoint, ckpt, model, fmt, input_size)
+    metadata = checkpoint_metadata(checkpoint, record, model, fmt, input_size)
     try:
         result = export_model(model, fmt, output, input_size, metadata, check=check, atol=atol)
     except (RuntimeError, ValueError) as err:
         if isinstance(err, MkdError):
             raise
-        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {str(err).strip().splitlines()[0]}") from err
+        raise MkdError(f"{checkpoint}: cannot export to {fmt}: {first_line(err, 300)}") from err
     logger.info("exported %s to %s (%s)", checkpoint, output, fmt)
     return result
 
 
 def checkpoint_metadata(
-    checkpoint: str | os.PathLike, ckpt: Mapping[str, Any], model: nn.Module, fmt: str, input_size: tuple[int, int]
+    checkpoint: str | os.PathLike,
+    ckpt: Mapping[str, Any] | CheckpointRecord,
+    model: nn.Module,
+    fmt: str,
+    input_size: tuple[int, int],
 ) -> dict[str, Any]:
-    """The JSON metadata an export of ``checkpoint`` carries (see docs/export.md)."""
-    from mkd import __version__
-    from mkd.inference import _checkpoint_preprocessing
+    """The JSON metadata an export of ``checkpoint`` carries (see docs/export.md).
 
-    network = ckpt.get("network", {})
+    Args:
+        checkpoint: the checkpoint file (recorded as ``source_checkpoint``).
+        ckpt: its dict or :class:`~mkd.networks.CheckpointRecord` (network name and kwargs, preprocessing).
+        model: the loaded network.
+        fmt: ``"torchscript"`` or ``"onnx"``.
+        input_size: ``(H, W)`` of the export.
+    """
+    from mkd import __version__
+
+    record = CheckpointRecord.from_checkpoint(ckpt)
     return {
         "mkd_version": __version__,
         "format": fmt,
-        "network": {"name": network.get("name"), "kwargs": network.get("kwargs", {})},
+        "network": {"name": record.arch, "kwargs": record.network_kwargs},
         "input": {
             "name": "image",
             "shape": ["batch", int(getattr(model, "in_channels", 3)), *input_size],
@@ -368,7 +378,7 @@ def checkpoint_metadata(
             "shape": ["batch", int(getattr(model, "out_channels", 1)), *input_size],
             "foreground": "sigmoid(logits) > 0.5",
         },
-        "preprocessing": _checkpoint_preprocessing(ckpt) or None,
+        "preprocessing": record.preprocessing or None,
         "source_checkpoint": str(checkpoint),
     }
 
@@ -394,7 +404,7 @@ def _cache_problem(path: Path, key: Mapping[str, Any]) -> str | None:
         props = {p.key: p.value for p in proto.metadata_props}
         meta = json.loads(props[METADATA_KEY])
     except Exception as err:  # noqa: BLE001 - any failure to read it means "do not use it"
-        return f"unreadable ({_first_line(err)})"
+        return f"unreadable ({first_line(err)})"
     cached = meta.get("cache") if isinstance(meta, Mapping) else None
     if not isinstance(cached, Mapping):
         return "no cache record in its metadata"
@@ -404,17 +414,12 @@ def _cache_problem(path: Path, key: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
 def cached_onnx(
     checkpoint: str | os.PathLike,
     input_size: tuple[int, int],
     *,
     model: nn.Module | None = None,
-    ckpt: Mapping[str, Any] | None = None,
+    ckpt: Mapping[str, Any] | CheckpointRecord | None = None,
     variant: str = "fp32",
     build_variant: Any = None,
     extra_key: Mapping[str, Any] | None = None,
@@ -432,7 +437,8 @@ def cached_onnx(
     Args:
         checkpoint: an mkd checkpoint file.
         input_size: ``(H, W)`` of the graph (the batch is dynamic).
-        model / ckpt: the loaded network and checkpoint dict (loaded from ``checkpoint`` when ``None``).
+        model / ckpt: the loaded network and its checkpoint dict or :class:`~mkd.networks.CheckpointRecord`
+            (loaded from ``checkpoint`` when ``None``).
         variant: ``"fp32"`` (the plain export) or a name for a derived graph.
         build_variant: ``f(fp32_path, out_path)`` writing the derived graph (needed when ``variant``
             is not ``"fp32"``); the fp32 graph is made (or reused) first.

@@ -198,7 +198,7 @@ def test_infer_refuses_a_spacing_that_makes_an_absurd_grid(s1_ckpt, ct, tmp_path
 
 def test_read_only_output_folder_is_found_before_the_model_loads(s1_ckpt, ct, tmp_path, monkeypatch):
     """A read-only output folder was found only after segmenting the whole volume (41-line traceback)."""
-    import mkd.inference
+    import mkd.inference.predictor
 
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -216,7 +216,7 @@ def test_read_only_output_folder_is_found_before_the_model_loads(s1_ckpt, ct, tm
     # the library path checks too, before loading the volume
     from mkd.inference import Segmenter
 
-    monkeypatch.setattr(mkd.inference, "load_volume", lambda *a: pytest.fail("loaded anyway"))
+    monkeypatch.setattr(mkd.inference.predictor, "load_volume", lambda *a: pytest.fail("loaded anyway"))
     with pytest.raises(MkdError, match="cannot write the mask here"):
         Segmenter(s1_ckpt, device="cpu", backend="torch").segment_to_file(ct, ro / "sub" / "mask.nii.gz")
 
@@ -256,14 +256,14 @@ def test_a_full_disk_is_found_before_segmenting(s1_ckpt, ct, tmp_path, monkeypat
 
 def test_disk_full_while_writing_is_one_line(s1_ckpt, ct, tmp_path, monkeypatch):
     """Disk full while writing the mask printed 44 lines."""
-    import mkd.inference
+    import mkd.inference.predictor
 
     out = tmp_path / "mask.nii.gz"
 
     def save_mask(mask, volume, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(mkd.inference, "save_mask", save_mask)
+    monkeypatch.setattr(mkd.inference.predictor, "save_mask", save_mask)
     line = _one_error_line(_infer(s1_ckpt, ct, out))
     assert line == (
         f"Error: {tmp_path} (writing mask.nii.gz): no space left on the device; free some space or choose another "

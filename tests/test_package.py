@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 import subprocess
 import sys
 import types
@@ -47,3 +49,53 @@ def test_a_fresh_process_shows_the_nvimagecodec_note_once(tmp_path):
         "WARNING:monai.data.nvimgcodec_pydicom_plugin:nvImageCodec is not available; skipping pydicom decoder "
         "plugin registration."
     ]
+
+
+def _mkd_imports() -> dict[str, set[str]]:
+    """``{module: mkd modules it imports}`` over every file of mkd, imports inside functions included."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in sorted((ROOT / "mkd").rglob("*.py"))}
+    files = {name.removesuffix(".__init__"): p for name, p in files.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        found: set[str] = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in node.names)  # "from mkd.x import submodule"
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def test_no_module_of_mkd_imports_one_that_imports_it_back():
+    """mkd.inference <-> mkd.export and mkd.inference <-> mkd.evaluation were cycles (issue 19)."""
+    graph = _mkd_imports()
+    assert {"mkd.export", "mkd.evaluation", "mkd.networks.checkpoint"} <= set(graph)
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert cycles == []
+    assert not any(m.startswith("mkd.inference") for m in graph["mkd.export"])  # export: networks, never back
+
+
+def test_only_the_checkpoint_record_reads_a_checkpoints_run_entry():
+    """``ckpt.get("run")`` was read by hand in 9 places across 5 modules (issue 19)."""
+    by_hand = re.compile(r"""ckpt\[.run.\]|get\("run"\)""")
+    readers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "mkd").rglob("*.py") if by_hand.search(p.read_text()))
+    assert readers == ["mkd/networks/checkpoint.py"]

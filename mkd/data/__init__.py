@@ -26,6 +26,7 @@ from mkd.data.transforms import (
     LoadSliced,
     ScaleByMaxd,
     parse_window,
+    slice_transform,
     volume_to_slices,
     volume_transforms,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "prepare_dataset",
     "read_split_file",
     "read_task",
+    "slice_transform",
     "split_patients",
     "student_subset",
     "verify_md5",

@@ -18,7 +18,7 @@ import numpy as np
 from mkd.data.checks import check_finite, check_resampled_size, check_spacing, warn_if_not_ct
 from mkd.data.decathlon import Case, case_id, read_task
 from mkd.data.split import SPLITS, read_split_file, split_patients, student_subset
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
 
 __all__ = [
     "DATALIST_KEYS",
@@ -77,12 +77,6 @@ class PrepareSummary:
         ]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    msg = text[-1] if text else type(err).__name__
-    return msg if len(msg) < 160 else msg[:157] + "..."
-
-
 def _fmt_values(values: np.ndarray) -> str:
     shown = [str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in values[:8]]
     return "{" + ", ".join(shown) + (", ..." if len(values) > 8 else "") + "}"
@@ -97,7 +91,7 @@ def _load_nifti(d: dict, keys: Sequence[str]) -> dict:
         try:  # a runtime reader: no silent fallback to another library that tolerates a broken file
             d = LoadImaged(keys=key, image_only=True, dtype=np.float32)(d, reader=NibabelReader())
         except Exception as err:  # nibabel / gzip / zlib raise many types for broken files
-            raise InputError(d[key], f"cannot read NIfTI (corrupt or truncated file): {_first_line(err)}") from None
+            raise InputError(d[key], f"cannot read NIfTI (corrupt or truncated file): {first_line(err)}") from None
     return d
 
 

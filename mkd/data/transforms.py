@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    EnsureTyped,
     LabelToMaskd,
     LoadImaged,
     MapTransform,
@@ -36,6 +37,7 @@ __all__ = [
     "LoadSliced",
     "ScaleByMaxd",
     "parse_window",
+    "slice_transform",
     "volume_to_slices",
     "volume_transforms",
 ]
@@ -213,6 +215,21 @@ class LoadSliced(MapTransform):
             if isinstance(value, (str, os.PathLike)):
                 d[key] = torch.from_numpy(np.array(self._open(value)[row], dtype=np.float32))
         return d
+
+
+def slice_transform(image_size: Sequence[int]) -> Compose:
+    """The bundles' deterministic slice preprocessing: load a stored slice, resize, to tensor.
+
+    What ``mkd evaluate``, the report's panels and int8 calibration feed the network: :class:`LoadSliced`,
+    an ``area`` resize of the image (``nearest`` of the label) to ``image_size``, plain tensors.
+    """
+    return Compose(
+        [
+            LoadSliced(keys=("image", "label")),
+            Resized(keys=("image", "label"), spatial_size=list(image_size), mode=("area", "nearest")),
+            EnsureTyped(keys=("image", "label"), track_meta=False),
+        ]
+    )
 
 
 class FillMissingLabeld(MapTransform):

@@ -438,7 +438,7 @@ def load_teacher(
         InputError: missing or unreadable checkpoint, not a teacher, or a teacher-student
             input-size mismatch.
     """
-    from mkd.networks import STUDENTS, checkpoint_role, load_network
+    from mkd.networks import STUDENTS, CheckpointRecord, checkpoint_role, load_network
 
     if not os.path.isfile(path):
         raise InputError(path, "teacher checkpoint not found; train one with `mkd teacher` (or pass --teacher)")
@@ -453,7 +453,7 @@ def load_teacher(
             path, f"is a {role} checkpoint ({teacher.network_name!r}), not a teacher; pass a checkpoint of "
             "`mkd teacher`, or --allow-student-teacher to distil from it on purpose"
         )  # fmt: skip
-    trained = (ckpt.get("run") or {}).get("image_size")
+    trained = CheckpointRecord.from_checkpoint(ckpt).image_size
     if image_size is not None and trained is not None and list(trained) != list(image_size):
         raise InputError(
             path,

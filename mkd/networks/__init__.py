@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mkd.networks.base import SCALES, MkdNetwork
 from mkd.networks.checkpoint import (
+    CheckpointRecord,
     NetworkInfo,
     checkpoint_role,
     load_checkpoint,
@@ -53,6 +54,7 @@ __all__ = [
     "resolve_scales",
     "unwrap_model",
     "NetworkInfo",
+    "CheckpointRecord",
     "save_checkpoint",
     "load_checkpoint",
     "load_network",

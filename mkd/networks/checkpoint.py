@@ -8,6 +8,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ from mkd.networks.recorder import unwrap_model
 from mkd.networks.registry import NETWORKS, build
 from mkd.utils import atomic_file
 
-__all__ = ["NetworkInfo", "save_checkpoint", "load_checkpoint", "load_network", "task_heads", "checkpoint_role"]
+__all__ = [
+    "NetworkInfo",
+    "CheckpointRecord",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_network",
+    "task_heads",
+    "checkpoint_role",
+]
 
 
 class NetworkInfo:
@@ -267,9 +276,121 @@ def task_heads(model: nn.Module) -> list[str]:
 def checkpoint_role(ckpt: Mapping[str, Any]) -> str | None:
     """The role recorded in a checkpoint: ``"teacher"``, ``"student"``, ``"distilled"`` or ``None``.
 
-    Read from ``ckpt["run"]["role"]``; a checkpoint of a bundle run written before roles were
-    recorded gets its bundle's role (``run.bundle``); one without run metadata has none.
+    Shorthand for ``CheckpointRecord.from_checkpoint(ckpt).role``.
     """
-    run = ckpt.get("run") if isinstance(ckpt.get("run"), Mapping) else {}
-    role = run.get("role") or _ROLE_OF_BUNDLE.get(str(run.get("bundle")))
-    return role if role in ROLES else None
+    return CheckpointRecord.from_checkpoint(ckpt).role
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else ()
+
+
+def _image_size(value: Any) -> tuple[int, ...] | None:
+    """``run.image_size`` as integers: ``[H, W]`` (or a number ``n`` for ``n x n``); ``None`` when not recorded."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (int(value), int(value))
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return tuple(int(s) for s in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be two integers (H, W), got {value!r} (from the checkpoint)") from None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint says about its network and its training run, read once from the checkpoint dict.
+
+    The training bundles save ``{"model", "network": {"name", "kwargs"}, "run": {...}, ...}`` (the
+    ``run`` entry is ``train.json#run_info``, plus the distillation settings of ``distill.json``);
+    :func:`save_checkpoint` files carry whatever metadata their writer passed. Every field is optional:
+    a checkpoint written before a field was recorded (or by hand) reads as ``None`` / empty there.
+
+    Attributes:
+        arch: registry name of the network (``network.name``: ``"t1"``, ``"s1"``, ...).
+        network_kwargs: its constructor arguments (``network.kwargs``).
+        role: ``"teacher"``, ``"student"`` or ``"distilled"`` (``run.role``; for bundle runs written
+            before roles were recorded, the role of ``run.bundle``).
+        bundle: the role config the run was trained with (``"teacher"``, ``"student"``, ``"distill"``).
+        tasks: the output heads trained (``run.tasks``: ``("segmentation", "reconstruction")``, ...).
+        image_size: ``(H, W)`` the network was trained on (``run.image_size``).
+        preprocessing: the ``mkd prepare`` settings of the training data (``window``, ``channels``,
+            ``spacing``, ``size``: the schema of ``prepare.json``'s ``settings``), from the top-level
+            ``preprocessing`` entry or ``run.preprocessing``; empty when not recorded.
+        train_split: the datalist list trained on (``run.train_split``: ``"training"``, ``"student"``).
+        seed: the run's seed.
+        recipe: the distillation recipe (``run.recipe``) of a distilled student.
+        teacher: the teacher checkpoint of a distilled student (``run.teacher``).
+        augment: the named augmentation (``run.augment``).
+        mix: the batch mix (``run.mix``).
+        run: the whole ``run`` entry as recorded (plain data), for summaries that copy it.
+
+    Example:
+        >>> record = CheckpointRecord.from_checkpoint({"network": {"name": "s1"}, "run": {"image_size": [96, 96]}})
+        >>> record.arch, record.image_size, record.role
+        ('s1', (96, 96), None)
+    """
+
+    arch: str | None = None
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    role: str | None = None
+    bundle: str | None = None
+    tasks: tuple[str, ...] = ()
+    image_size: tuple[int, ...] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    train_split: str | None = None
+    seed: int | None = None
+    recipe: str | None = None
+    teacher: str | None = None
+    augment: str | None = None
+    mix: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any] | CheckpointRecord | None) -> CheckpointRecord:
+        """Read the record of a checkpoint dict (what :func:`load_checkpoint` / :func:`load_network` return).
+
+        Args:
+            ckpt: the checkpoint dict; ``None`` or ``{}`` (a built network, no metadata) gives an empty
+                record, and a record is returned as it is.
+
+        Raises:
+            ValueError: ``run.image_size`` is not a list of integers.
+        """
+        if isinstance(ckpt, CheckpointRecord):
+            return ckpt
+        ckpt = ckpt if isinstance(ckpt, Mapping) else {}
+        network, run = _mapping(ckpt.get("network")), _mapping(ckpt.get("run"))
+        role = run.get("role") or _ROLE_OF_BUNDLE.get(str(run.get("bundle")))
+        preprocessing = next(
+            (dict(p) for p in (ckpt.get("preprocessing"), run.get("preprocessing")) if isinstance(p, Mapping)), {}
+        )
+        seed = run.get("seed")
+        return cls(
+            arch=_optional_str(network.get("name")),
+            network_kwargs=_mapping(network.get("kwargs")),
+            role=role if role in ROLES else None,
+            bundle=_optional_str(run.get("bundle")),
+            tasks=_names(run.get("tasks")),
+            image_size=_image_size(run.get("image_size")),
+            preprocessing=preprocessing,
+            train_split=_optional_str(run.get("train_split")),
+            seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
+            recipe=_optional_str(run.get("recipe")),
+            teacher=_optional_str(run.get("teacher")),
+            augment=_optional_str(run.get("augment")),
+            mix=_optional_str(run.get("mix")),
+            run=run,
+        )

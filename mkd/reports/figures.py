@@ -1,6 +1,7 @@
 """Report figures (PNG, matplotlib without pyplot: no display, no global state).
 
-- :func:`plot_training_curves`: losses and validation metrics per epoch from a CSV log.
+- :func:`plot_training_curves`: losses, validation metrics and epoch time / learning rate per epoch
+  from a CSV log, each on its own axes.
 - :func:`plot_qualitative`: the same test slices under CT / ground truth / students / teacher.
 - :func:`plot_reconstructions`: a teacher's reconstructions next to its inputs, with PSNR.
 - :func:`plot_ablation`: bar chart of a metric per method, mean ± std over seeds.
@@ -25,6 +26,7 @@ import pandas as pd
 
 __all__ = [
     "plot_training_curves",
+    "training_curve_panels",
     "plot_qualitative",
     "plot_reconstructions",
     "plot_ablation",
@@ -157,6 +159,45 @@ def plot_mask_preview(
     return _save(fig, path)
 
 
+#: columns of a training log drawn on the time / learning-rate panel (``EpochCSVLogger`` writes these two)
+_TIME_COLUMNS = ("epoch_time_s",)
+_RATE_COLUMNS = ("lr", "learning_rate")
+
+
+def training_curve_panels(history: pd.DataFrame, x: str = "epoch") -> dict[str, list[str]]:
+    """Which panel of :func:`plot_training_curves` each numeric column of a training log goes to.
+
+    Columns whose name contains ``loss`` or starts with ``train_`` (the named loss terms ``EpochCSVLogger``
+    writes, e.g. ``train_infonce``) go to ``"loss"``, the epoch's wall time (``epoch_time_s``) and
+    the learning rate (``lr``) to ``"time / learning rate"`` (seconds on the left axis, the rate on the
+    right), every other numeric column to ``"metric"``. Panels without a column are left out; columns
+    that are all empty are not drawn.
+
+    Example:
+        >>> log = pd.DataFrame({"epoch": [1], "train_loss": [0.9], "lr": [0.01], "val_pooled_dice": [0.5]})
+        >>> training_curve_panels(log)
+        {'loss': ['train_loss'], 'metric': ['val_pooled_dice'], 'time / learning rate': ['lr']}
+    """
+    cols = [
+        c for c in history.columns if c != x and pd.api.types.is_numeric_dtype(history[c]) and history[c].notna().any()
+    ]
+    schedule = [c for c in cols if c in _TIME_COLUMNS or c in _RATE_COLUMNS]
+    losses = [c for c in cols if ("loss" in c.lower() or c.startswith("train_")) and c not in schedule]
+    metrics = [c for c in cols if c not in losses and c not in schedule]
+    panels = {"loss": losses, "metric": metrics, "time / learning rate": schedule}
+    return {name: group for name, group in panels.items() if group}
+
+
+def _draw(ax: Any, df: pd.DataFrame, x: str, columns: Sequence[str], label: str, color_offset: int = 0) -> list:
+    lines = []
+    for i, c in enumerate(columns):
+        sel = df[[x, c]].dropna()
+        lines += ax.plot(sel[x], sel[c], marker="o" if len(sel) < 30 else None, markersize=3, label=c,
+                         color=f"C{i + color_offset}")  # fmt: skip
+    ax.set_ylabel(label)
+    return lines
+
+
 def plot_training_curves(
     history: pd.DataFrame | str | PathLike,
     path: str | PathLike,
@@ -164,11 +205,15 @@ def plot_training_curves(
     x: str = "epoch",
     title: str | None = None,
 ) -> Path:
-    """Training curves: loss columns (names containing ``loss``) left, other numeric columns right.
+    """Training curves: losses, metrics, and epoch time with the learning rate, each panel its own y-axis.
+
+    The panels are those of :func:`training_curve_panels`: loss columns; validation metrics; the
+    epoch's wall time (seconds, left axis) with the learning rate (right axis, a twin axis).
+    Quantities of different units never share a y-axis.
 
     Args:
         history: per-epoch log (DataFrame or CSV path) with an ``x`` column, e.g.
-            ``epoch, train_loss, val_loss, val_dice``. Empty cells (metrics logged only
+            ``epoch, train_loss, epoch_time_s, lr, val_pooled_dice``. Empty cells (metrics logged only
             every few epochs) are skipped, not drawn as zero.
         path: PNG to write.
         x: the column for the horizontal axis.
@@ -183,22 +228,24 @@ def plot_training_curves(
     df = pd.read_csv(history) if not isinstance(history, pd.DataFrame) else history
     if x not in df.columns:
         raise ValueError(f"training log lacks the {x!r} column; it has {list(df.columns)}")
-    cols = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
-    losses = [c for c in cols if "loss" in c.lower()]
-    others = [c for c in cols if c not in losses]
-    groups = [(g, label) for g, label in ((losses, "loss"), (others, "metric")) if g]
-    if not groups:
+    panels = training_curve_panels(df, x)
+    if not panels:
         raise ValueError(f"training log has no numeric columns besides {x!r}")
-    fig = _figure(5.0 * len(groups), 3.6)
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    for ax, (group, label) in zip(axes, groups):
-        for c in group:
-            sel = df[[x, c]].dropna()
-            ax.plot(sel[x], sel[c], marker="o" if len(sel) < 30 else None, markersize=3, label=c)
+    fig = _figure(5.0 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, group) in zip(axes, panels.items()):
+        if name == "time / learning rate":
+            time_cols = [c for c in group if c in _TIME_COLUMNS]
+            rate_cols = [c for c in group if c in _RATE_COLUMNS]
+            lines = _draw(ax, df, x, time_cols or rate_cols, "epoch time (s)" if time_cols else "learning rate")
+            if time_cols and rate_cols:
+                lines += _draw(ax.twinx(), df, x, rate_cols, "learning rate", color_offset=len(time_cols))
+            ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+        else:
+            _draw(ax, df, x, group, name)
+            ax.legend(fontsize=8)
         ax.set_xlabel(x)
-        ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mkd.bundle import KEY_METRIC
-from mkd.errors import InputError, MkdError
+from mkd.errors import InputError, MkdError, first_line
 from mkd.reports.tables import (
     DEFAULT_METRICS,
     format_table,
@@ -657,8 +657,7 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"empty or not a CSV table ({why}); {todo}") from None
+        raise InputError(path, f"empty or not a CSV table ({first_line(err, 120)}); {todo}") from None
     if "epoch" not in df.columns or df["epoch"].isna().any():
         raise InputError(path, f"no 'epoch' column (or empty epochs): not a metrics.csv written by mkd; {todo}")
     return df
@@ -669,12 +668,12 @@ def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device
     import torch
     import torch.nn.functional as F
 
-    from mkd.evaluation import slice_transform
-    from mkd.networks import FeatureRecorder, load_network
+    from mkd.data.transforms import slice_transform
+    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
     model.to(device).eval()
-    size = list((ckpt.get("run") or {}).get("image_size") or display)
+    size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or display)
     transform = slice_transform(size)
     batch = [transform(dict(d)) for d in items]
     images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
@@ -696,7 +695,7 @@ def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device
 def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_dir, device) -> None:
     import torch
 
-    from mkd.evaluation import slice_transform
+    from mkd.data.transforms import slice_transform
     from mkd.reports.figures import plot_qualitative, plot_reconstructions
 
     if data_dir is None:
@@ -752,12 +751,12 @@ def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_di
         notes.append("qualitative panels skipped: no distilled student with a finished baseline and checkpoints")
     # teacher reconstructions (multi-task teachers, first seed)
     for t in have[have["kind"] == "teacher"].groupby("method", sort=False).head(1).itertuples(index=False):
-        from mkd.networks import load_network
+        from mkd.networks import CheckpointRecord, load_network
 
         model, ckpt = load_network(ckpt_of[t.run_id], map_location="cpu")
         if "recon" not in getattr(model, "feature_scales", {}):
             continue
-        size = list((ckpt.get("run") or {}).get("image_size") or [64, 64])
+        size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or [64, 64])
         _, rec, images = _predict(ckpt_of[t.run_id], items, size, device, recon=True)
         rel = f"figures/reconstruction_{_slug(t.method)}.png"
         plot_reconstructions(images, rec, tmp / rel, row_labels=labels)

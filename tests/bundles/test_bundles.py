@@ -274,6 +274,24 @@ def test_metadata_validates_against_the_shipped_schema_offline():
     jsonschema.validate(meta, schema)
 
 
+def test_metadata_declares_the_range_of_what_the_network_outputs():
+    """The output was declared with value_range [0, 1]; every mkd network returns logits (sigmoid > 0.5 is spleen)."""
+    from mkd.networks import NETWORKS, build
+
+    meta = json.loads((bundle_dir() / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    low, high = pred["value_range"] or (-float("inf"), float("inf"))  # [] is MONAI's "not bounded / not known"
+    torch.manual_seed(0)
+    for name in NETWORKS:
+        net = build(name, preset="tiny").eval()
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 1][-1]
+        with torch.no_grad():
+            head.bias.fill_(-3.0)  # a confident background: sigmoid(-3) = 0.05 -> logits below 0
+            logits = net(torch.rand(2, 3, 32, 32))
+        assert low <= float(logits.min()) and float(logits.max()) <= high, (name, pred["value_range"])
+    assert "logits" in meta["pred_classes"]
+
+
 def test_schema_check_catches_what_monai_would_misread():
     schema = json.loads(METADATA_SCHEMA.read_text())
     meta = json.loads((bundle_dir() / "configs" / "metadata.json").read_text())

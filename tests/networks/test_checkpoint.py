@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
 import torch
 
 from mkd.errors import InputError
-from mkd.networks import NetworkInfo, build, load_checkpoint, load_network, save_checkpoint
+from mkd.networks import CheckpointRecord, NetworkInfo, build, load_checkpoint, load_network, save_checkpoint
 
 
 def outputs(net, x):
@@ -124,3 +125,73 @@ def test_load_errors_are_mkd_words_and_never_suggest_unsafe_loading(tmp_path, ca
         assert "weights_only=False" not in message and "weights_only` set to `False`" not in message
         assert "\n" not in message and err.value.__cause__ is None
     assert "unpickled" not in capsys.readouterr().out  # nothing in the files ran
+
+
+# --- the checkpoint record -----------------------------------------------------------------------------------------
+
+#: ``run`` of a distilled student as train.json#run_info and distill.json write it (values as a run records them)
+BUNDLE_RUN = {
+    "bundle": "distill",
+    "role": "distilled",
+    "tasks": ["segmentation"],
+    "image_size": [96, 96],
+    "seed": 2,
+    "train_split": "student",
+    "preprocessing": {"window": [-57.0, 164.0], "channels": "replicate", "spacing": None, "size": 128},
+    "augment": "none",
+    "mix": "mixup",
+    "teacher": "runs/teacher-t1/models/model.pt",
+    "recipe": "thesis",
+    "weights": {"bn": 1.0},
+}
+
+
+def test_record_reads_every_field_a_bundle_run_writes(tmp_path):
+    path = save_checkpoint(tmp_path / "d.pt", build("s1"), run=BUNDLE_RUN)
+    record = CheckpointRecord.from_checkpoint(load_network(path)[1])
+    assert record == CheckpointRecord(
+        arch="s1",
+        network_kwargs=build("s1").config,
+        role="distilled",
+        bundle="distill",
+        tasks=("segmentation",),
+        image_size=(96, 96),
+        preprocessing={"window": [-57.0, 164.0], "channels": "replicate", "spacing": None, "size": 128},
+        train_split="student",
+        seed=2,
+        recipe="thesis",
+        teacher="runs/teacher-t1/models/model.pt",
+        augment="none",
+        mix="mixup",
+        run=BUNDLE_RUN,
+    )
+    assert CheckpointRecord.from_checkpoint(record) is record
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.arch = "s2"
+
+
+def test_record_of_old_or_bare_checkpoints_is_empty_where_nothing_was_recorded():
+    empty = CheckpointRecord()
+    assert CheckpointRecord.from_checkpoint({}) == CheckpointRecord.from_checkpoint(None) == empty
+    assert empty.image_size is None and empty.role is None and empty.tasks == () and empty.preprocessing == {}
+    bare = CheckpointRecord.from_checkpoint({"model": {}, "network": {"name": "t1"}})
+    assert (bare.arch, bare.network_kwargs, bare.run) == ("t1", {}, {})
+    # a bundle run written before roles were recorded: the role of its bundle; an unknown role is none
+    assert CheckpointRecord.from_checkpoint({"run": {"bundle": "distill"}}).role == "distilled"
+    assert CheckpointRecord.from_checkpoint({"run": {"bundle": "teacher"}}).role == "teacher"
+    assert CheckpointRecord.from_checkpoint({"run": {"role": "oracle", "bundle": "other"}}).role is None
+    # a run entry that is not a mapping reads as no run
+    assert CheckpointRecord.from_checkpoint({"run": ["image_size", 64]}) == empty
+
+
+def test_record_preprocessing_prefers_the_top_level_entry_and_sizes_become_integers():
+    top = {"window": "max", "size": 64}
+    ckpt = {"preprocessing": top, "run": {"preprocessing": {"window": [0, 1]}, "image_size": 64.0, "seed": 1.0}}
+    record = CheckpointRecord.from_checkpoint(ckpt)
+    assert record.preprocessing == top and record.preprocessing is not top  # a copy
+    assert record.image_size == (64, 64) and record.seed == 1
+    assert CheckpointRecord.from_checkpoint({"run": {"preprocessing": {"size": 96}}}).preprocessing == {"size": 96}
+    assert CheckpointRecord.from_checkpoint({"run": {"image_size": ["128", 96.0]}}).image_size == (128, 96)
+    with pytest.raises(ValueError) as err:
+        CheckpointRecord.from_checkpoint({"run": {"image_size": "96x96"}})
+    assert str(err.value) == "image_size must be two integers (H, W), got '96x96' (from the checkpoint)"

@@ -34,6 +34,31 @@ def test_training_curves(tmp_path):
         plot_training_curves(log.drop(columns="epoch"), tmp_path / "x.png")
 
 
+def test_training_curves_put_losses_metrics_and_time_with_learning_rate_on_separate_axes(tmp_path):
+    """Epoch time (seconds), learning rate (1e-2) and Dice shared one y-axis: the metrics were a flat line."""
+    log = pd.DataFrame(  # the columns EpochCSVLogger writes for a distilled student
+        {
+            "epoch": [1, 2, 3],
+            "train_loss": [1.2, 0.9, 0.7],
+            "train_infonce": [3.1, 2.5, 2.2],
+            "epoch_time_s": [41.0, 39.5, 40.2],
+            "lr": [0.01, 0.0075, 0.0025],
+            "val_pooled_dice": [0.4, 0.55, 0.6],
+            "note": ["a", "b", "c"],  # not numeric: not drawn
+        }
+    )
+    img = _check_png(plot_training_curves(log, tmp_path / "curves.png"))
+    assert img.shape[1] == 3 * 500  # three panels of 5 inches at 100 dpi
+    from mkd.reports.figures import training_curve_panels
+
+    assert training_curve_panels(log) == {
+        "loss": ["train_loss", "train_infonce"],
+        "metric": ["val_pooled_dice"],
+        "time / learning rate": ["epoch_time_s", "lr"],
+    }
+    assert training_curve_panels(log[["epoch", "val_pooled_dice"]]) == {"metric": ["val_pooled_dice"]}
+
+
 def test_qualitative_and_reconstruction_panels(tmp_path):
     rng = np.random.default_rng(0)
     ct = torch.as_tensor(rng.random((2, 3, 32, 32)), dtype=torch.float32)

@@ -1,0 +1,268 @@
+"""Reading CT volumes (NIfTI, DICOM series, other ITK formats), writing masks, folder jobs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mkd.data.checks import check_finite, warn_if_not_ct
+from mkd.errors import InputError, MkdError, first_line
+from mkd.utils import atomic_path
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "Volume",
+    "load_volume",
+    "save_mask",
+    "mask_bytes",
+    "check_mask_path",
+    "find_volumes",
+    "is_volume_folder",
+    "check_folder_job",
+]
+
+#: Output file name endings accepted for masks.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    """A loaded input volume.
+
+    Attributes:
+        data: MONAI ``MetaTensor`` (X, Y, Z) as loaded (float32 HU, the file's voxel order).
+        path: the file or folder read.
+        affine: voxel -> world (RAS mm) of the input, the affine the mask is written with.
+        header: the NIfTI header of a NIfTI input (copied into the mask), else ``None``.
+    """
+
+    data: Any
+    path: Path
+    affine: np.ndarray
+    header: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _check_dicom_folder(path: Path) -> None:
+    """Exactly one DICOM series in ``path`` (ITK's GDCM series scan) with evenly spaced slices, else InputError."""
+    import itk
+
+    itk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's "No Series were found" goes to stderr otherwise
+    scan = itk.GDCMSeriesFileNames.New()
+    scan.SetUseSeriesDetails(True)
+    scan.SetDirectory(str(path))
+    uids = list(scan.GetSeriesUIDs())
+    if not uids:
+        expected = "expected a NIfTI file, a folder of NIfTI files or one DICOM series folder"
+        raise InputError(path, f"no DICOM series in this folder; {expected}")
+    if len(uids) > 1:
+        raise InputError(path, f"holds {len(uids)} DICOM series; pass a folder with one series")
+    _check_slice_positions(path, list(scan.GetFileNames(uids[0])))
+
+
+def _dicom_numbers(io: Any, tag: str) -> list[float] | None:
+    found, text = io.GetValueFromTag(tag, "")
+    try:
+        return [float(v) for v in str(text).strip().split("\\")] if found else None
+    except ValueError:
+        return None
+
+
+def _check_slice_positions(path: Path, files: Sequence[str], tolerance: float = 0.01) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along the slice normal.
+
+    ITK reads such a series with one averaged slice spacing (a series with 3 of 10 slices
+    missing becomes a shorter volume with a wrong voxel size), so the mask would not fit the
+    patient. Slices without ``ImagePositionPatient`` / ``ImageOrientationPatient`` are not checked.
+
+    Raises:
+        InputError: naming the folder, the expected step and the positions found / missing.
+    """
+    import itk
+
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    for name in files:
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(str(name))
+        io.ReadImageInformation()
+        pos, ori = _dicom_numbers(io, "0020|0032"), _dicom_numbers(io, "0020|0037")
+        if pos is None or ori is None or len(pos) != 3 or len(ori) != 6:
+            return
+        if normal is None:
+            normal = np.cross(np.asarray(ori[:3]), np.asarray(ori[3:]))
+        positions.append(float(np.dot(normal, pos)))
+    z = np.sort(np.asarray(positions))
+    steps = np.diff(z)
+    step = float(steps.min())
+    if step <= tolerance:
+        raise InputError(path, f"two DICOM slices lie at the same position ({z[int(steps.argmin())]:g} mm along the "
+                               "slice normal); pass a folder with one complete series")  # fmt: skip
+    if float(steps.max() - step) <= max(tolerance, 0.01 * step):
+        return
+    missing = []
+    for a, gap in zip(z[:-1], steps):
+        n = int(round(gap / step)) - 1
+        missing += [a + step * (k + 1) for k in range(max(n, 0))]
+    found = ", ".join(f"{v:g}" for v in sorted({round(float(g), 3) for g in steps}))
+    shown = ", ".join(f"{m:g}" for m in missing[:6]) + (", ..." if len(missing) > 6 else "")
+    gaps = f"{len(missing)} slice position(s) missing ({shown} mm)" if missing else "slice steps are not multiples"
+    raise InputError(
+        path,
+        f"uneven DICOM slice positions: expected a step of {step:g} mm, found steps {found} mm; {gaps}; "
+        f"{len(files)} slices span {z[-1] - z[0]:g} mm (read as is, ITK would average the spacing to "
+        f"{(z[-1] - z[0]) / (len(files) - 1):g} mm). Export the complete series",
+    )
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read one 3D CT volume: a NIfTI file (nibabel), a DICOM series folder or another ITK format (ITK).
+
+    Raises:
+        InputError: missing path, unreadable file, not a 3D volume, NaN or infinite voxels, a DICOM
+            series with uneven slice positions (missing slices).
+    """
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    header = None
+    try:
+        if path.is_dir():
+            from mkd.utils import keep_locale
+
+            with keep_locale():  # GDCM leaves the process in the "C" locale
+                _check_dicom_folder(path)
+                data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+        elif _is_nifti(path):
+            img = nib.load(str(path))
+            header = img.header.copy()
+            data = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
+            affine = np.asarray(img.affine, dtype=np.float64)
+        else:
+            from mkd.utils import keep_locale
+
+            with keep_locale():
+                data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure means a bad input
+        what = "a DICOM series" if path.is_dir() else "an image"
+        raise InputError(path, f"cannot read as {what} ({first_line(err, 300)})") from err
+    if data.ndim != 3:
+        kind = "2D image" if data.ndim == 2 else f"{data.ndim}D image"
+        raise InputError(path, f"is a {kind} of shape {tuple(data.shape)}; expected one 3D volume")
+    if header is None:
+        affine = np.asarray(data.affine, dtype=np.float64)
+    check_finite(data, path)
+    warn_if_not_ct(data, path)
+    return Volume(data=data, path=path, affine=affine, header=header)
+
+
+def check_mask_path(path: str | os.PathLike) -> None:
+    """A mask is written to a file name ending in ``.nii`` / ``.nii.gz`` that is not a folder, else InputError."""
+    path = Path(path)
+    if not _is_nifti(path):
+        raise InputError(path, f"output must be a NIfTI file ending in {' or '.join(NIFTI_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(path, "is a folder; expected an output file name")
+
+
+def mask_bytes(shape: Sequence[int], path: str | os.PathLike) -> int:
+    """An upper estimate of the size of a uint8 mask file: the voxels plus the header, 1/4 of that for ``.nii.gz``.
+
+    (A mask compresses far better than 4 to 1; the estimate errs on the safe side.)
+    """
+    raw = int(np.prod([int(s) for s in shape])) + 352
+    return raw if not str(path).lower().endswith(".gz") else raw // 4 + 4096
+
+
+def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
+    """Write a uint8 NIfTI with the input's affine (and its NIfTI header, when it was NIfTI), atomically.
+
+    The file appears only when complete (:func:`mkd.utils.atomic_path`), with the umask's mode.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    check_mask_path(path)
+    mask = np.asarray(mask).astype(np.uint8)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the input's {volume.shape}")
+    if volume.header is not None:
+        header = volume.header.copy()
+        header.set_data_dtype(np.uint8)
+        img = nib.Nifti1Image(mask, volume.affine, header=header)
+        img.header.set_slope_inter(1.0, 0.0)
+        img.header["cal_min"], img.header["cal_max"] = 0, 1
+    else:
+        img = nib.Nifti1Image(mask, volume.affine)
+        img.header.set_data_dtype(np.uint8)
+        img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"mkd infer mask"
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def check_folder_job(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False, skip_existing: bool = False
+) -> list[Path]:
+    """The volumes of a folder job, after checking it can run (see :meth:`mkd.inference.Segmenter.segment_folder`).
+
+    Raises:
+        InputError / MkdError: as :meth:`mkd.inference.Segmenter.segment_folder`.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    volumes = find_volumes(input_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(output_dir, "is a file; with a folder --input, --output must be a folder")
+    if output_dir.resolve() == input_dir.resolve():
+        raise InputError(output_dir, "output folder is the input folder; masks would overwrite the CTs")
+    from mkd.utils import check_writable
+
+    check_writable(output_dir, "masks")
+    existing = [output_dir / v.name for v in volumes if (output_dir / v.name).exists()]
+    if existing and not (overwrite or skip_existing):
+        raise MkdError(
+            f"{existing[0]}: output already exists ({len(existing)} of {len(volumes)} in {output_dir}); "
+            "pass --overwrite to replace them or --skip-existing to keep them"
+        )
+    return volumes
+
+
+def find_volumes(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files (``.nii``, ``.nii.gz``) directly in ``folder``, sorted by name.
+
+    Raises:
+        InputError: ``folder`` is missing or holds no NIfTI file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder")
+    found = sorted(p for p in folder.iterdir() if p.is_file() and _is_nifti(p))
+    if not found:
+        raise InputError(folder, "no NIfTI file (.nii, .nii.gz) in this folder")
+    return found
+
+
+def is_volume_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of NIfTI volumes (batch input), not one DICOM series."""
+    path = Path(path)
+    return path.is_dir() and any(p.is_file() and _is_nifti(p) for p in path.iterdir())
