@@ -165,7 +165,8 @@ def test_shipped_grids_mirror_the_thesis_tables():
     teachers = {r.id: r.settings for g in (labels, dice_select, dice_confirm) for r in g.runs if r.kind == "teacher"}
     assert teachers == {"teacher-t1-seed0": {"epochs": 30, "early_stop_patience": 0}}
     assert dice_select.seeds == [0, 1, 2] and dice_confirm.seeds == [30, 31, 32, 33, 34]
-    assert sorted(r.settings.get("dice_hard", False) for r in dice_select.runs if r.kind == "distill") == [0] * 3 + [1] * 3
+    hard = sorted(r.settings.get("dice_hard", False) for r in dice_select.runs if r.kind == "distill")
+    assert hard == [False] * 3 + [True] * 3
     assert all(r.weights == {"dice": 1.0} and r.transfer for r in dice_select.runs if r.kind == "distill")
     assert dice_confirm.count() == {"teacher": 1, "student": 10, "distill": 15}
     assert {r.method for r in dice_confirm.runs if r.kind == "distill"} == {
