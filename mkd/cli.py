@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Sequence
 
 import click
 
 from mkd import __version__
 from mkd.bundle import PROFILES, ROLES
 from mkd.errors import ExpressionError, MkdError
+from mkd.utils import LazyNames
 
 __all__ = ["main", "cli"]
 
@@ -258,38 +258,14 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
 # --- networks (mkd.networks) --------------------------------------------------
 
 
-class _Names(Sequence):
-    """Choices read from a registry of the package when click first needs them (``import mkd.cli`` stays light).
-
-    Args:
-        module: the module holding the registry.
-        name: the registry (a mapping or a sequence of names).
-    """
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
-
-    @functools.cached_property
-    def _names(self) -> tuple[str, ...]:
-        import importlib
-
-        return tuple(getattr(importlib.import_module(self.module), self.name))
-
-    def __getitem__(self, index):
-        return self._names[index]
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-_NETWORK_NAMES = _Names("mkd.networks.registry", "NETWORKS")
-_NETWORK_PRESETS = _Names("mkd.networks.registry", "PRESET_NAMES")
-_TEACHERS = _Names("mkd.networks.registry", "TEACHERS")
-_STUDENTS = _Names("mkd.networks.registry", "STUDENTS")
-_LOSSES = _Names("mkd.losses", "FEATURE_LOSSES")
-_RECIPES = _Names("mkd.handlers.distillation", "RECIPES")
-_CONTRASTIVE_MODES = _Names("mkd.losses.infonce", "MODES")
-_PROJECTOR_KINDS = _Names("mkd.networks.projector", "KINDS")
+_NETWORK_NAMES = LazyNames("mkd.networks.registry", "NETWORKS")
+_NETWORK_PRESETS = LazyNames("mkd.networks.registry", "PRESET_NAMES")
+_TEACHERS = LazyNames("mkd.networks.registry", "TEACHERS")
+_STUDENTS = LazyNames("mkd.networks.registry", "STUDENTS")
+_LOSSES = LazyNames("mkd.losses", "FEATURE_LOSSES")
+_RECIPES = LazyNames("mkd.handlers.distillation", "RECIPES")
+_CONTRASTIVE_MODES = LazyNames("mkd.losses.infonce", "MODES")
+_PROJECTOR_KINDS = LazyNames("mkd.networks.projector", "KINDS")
 
 
 def _shape_str(shape: tuple[int, ...] | None) -> str:

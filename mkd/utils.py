@@ -1,13 +1,15 @@
-"""Small shared helpers: atomic outputs, seeding, device choice."""
+"""Small shared helpers: atomic outputs, seeding, device choice, names read from a registry on first use."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "check_writable",
     "check_free_space",
     "PlainState",
+    "LazyNames",
 ]
 
 
@@ -262,3 +265,32 @@ class PlainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data = dict(state)
+
+
+class LazyNames(Sequence):
+    """The names of a registry of the package, read when first needed (``import mkd.cli`` stays light).
+
+    Click choices and the declared distillation settings (:mod:`mkd.handlers.settings`) list registries
+    whose modules import torch; this reads them only when a name is asked for.
+
+    Args:
+        module: the module holding the registry.
+        name: the registry (a mapping or a sequence of names).
+
+    Example:
+        >>> list(LazyNames("mkd.bundle", "ROLES"))
+        ['teacher', 'student', 'distill']
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    @functools.cached_property
+    def _names(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __getitem__(self, index):
+        return self._names[index]
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -26,6 +26,7 @@ from mkd.handlers.distillation import (
 from mkd.handlers.progress import TrainingProgressBar
 from mkd.handlers.reconstruction import RECON_KEY, ReconstructionLossHandler, ReconstructionOutputHandler
 from mkd.handlers.schedule import SmoothedEarlyStopping, steps_per_epoch
+from mkd.handlers.settings import SETTINGS, DistillSettings, Setting, SettingsError, distillation_settings
 from mkd.handlers.teacher_check import TeacherCheck, validation_quality
 
 __all__ = [
@@ -38,6 +39,11 @@ __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
     "recipe_setting",
+    "SETTINGS",
+    "Setting",
+    "SettingsError",
+    "DistillSettings",
+    "distillation_settings",
     "transfer_split",
     "build_projector",
     "distillation_weights",

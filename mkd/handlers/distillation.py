@@ -15,8 +15,8 @@ or ``"logits"`` (the student's and teacher's logits). ``loss`` is any callable
 (InfoNCE, feature MSE, prediction-map KD, or a new loss class) or the name of one
 in :data:`mkd.losses.LOSSES` (built with the term's optional ``kwargs``, see
 :func:`resolve_terms`), and ``weight`` its weight. :func:`distillation_terms`
-builds the terms of the CLI's settings (``--scales``, ``--loss``, ``--pmd``,
-``--weights``, the recipes); a bundle adds
+builds the terms of the declared settings (:mod:`mkd.handlers.settings`: ``scales``,
+``feature_loss``, ``pmd``, ``weight_overrides``, the recipes); a bundle adds
 its own under ``terms`` in ``distill.json``. The student stays a plain logits-out
 network, so stock evaluators, metrics, checkpoint savers and inferers work on
 it unchanged. The teacher is frozen (eval mode, no gradients); its outputs come
@@ -39,6 +39,7 @@ from monai.utils import CommonKeys, min_version, optional_import
 
 from mkd.errors import InputError
 from mkd.handlers.csv_logger import LOSS_TERMS_KEY
+from mkd.handlers.settings import DEFAULT_RECIPE, RECIPES, THESIS_WEIGHTS, distillation_weights, recipe_setting
 from mkd.networks.base import reconstruction
 from mkd.networks.projector import pool_spatial
 
@@ -69,84 +70,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the thesis's T1 -> S1 weights (SPEC §3)
-THESIS_WEIGHTS = {"seg": 0.4, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 0.2}
 #: the ``input`` of a distillation term that compares the student's and the teacher's logits
 LOGITS = "logits"
 #: the weight keys that are not feature scales: the trainer's own loss and the terms on the logits
 LOGIT_TERMS = ("seg", "pmd", "dice")
-
-#: Distillation recipes: default term weights and temperatures of a run (docs/distill.md).
-#: ``thesis`` is the thesis's T1 -> S1 setting (T = 4, tau = 0.4, in-batch negatives as they come);
-#: ``recommended`` is the setting chosen on validation data with ``grids/kd_cpu.yaml`` (docs/distill.md
-#: gives the selection and the confirmation on fresh seeds). Any value can still be set on its own
-#: (``--weights``, ``--tau``, ``--pmd-temperature``, ``--neighbours``).
-RECIPES: dict[str, dict[str, Any]] = {
-    # chosen with grids/kd_select_cpu.yaml (candidate T1w1): the best mean best_val_pooled_dice over
-    # seeds 0-2 of four B+PMD candidates; the enc / dec weights were not part of the selection
-    "recommended": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
-        "transfer": False,
-        "dice_hard": False,
-    },
-    "thesis": {
-        "weights": dict(THESIS_WEIGHTS),
-        "temperature": 0.4,
-        "pmd_temperature": 4.0,
-        "neighbour_distance": 0,
-        "transfer": False,
-        "dice_hard": False,
-    },
-    # chosen for "half the labels + distillation vs all labels" (docs/distill.md, "Labels saved") before
-    # grids/kd_labels_cpu.yaml ran on seeds 30-34: the recommended B+PMD terms plus the unlabelled transfer
-    # set, the one row of grids/kd_cpu.yaml above the baseline on validation (seeds 0-2)
-    "transfer": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
-        "transfer": True,
-        "dice_hard": False,
-    },
-    # chosen with grids/kd_dice_select_cpu.yaml before grids/kd_labels_dice_cpu.yaml ran on seeds 30-34: the
-    # 'transfer' recipe plus a batch Dice term (weight 1) against the teacher's thresholded mask on every slice,
-    # the unlabelled ones included (pseudo-labels); it had the best mean validation pooled Dice over seeds 0-2
-    # of the two Dice candidates (0.893 against 0.892 for the teacher's probabilities; S1 0.875)
-    "pseudo": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0, "dice": 1.0},
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
-        "transfer": True,
-        "dice_hard": True,
-    },
-}
-#: the recipe of ``mkd distill`` and of the distill bundle when none is given: ``pseudo``, the one recipe that
-#: beat its baseline on fresh seeds with every control (docs/distill.md, "Labels saved")
-DEFAULT_RECIPE = "pseudo"
-
-
-def _recipe(name: str) -> dict[str, Any]:
-    if name not in RECIPES:
-        raise ValueError(f"recipe={name!r} is not known; expected one of {sorted(RECIPES)}.")
-    return RECIPES[name]
-
-
-def recipe_setting(recipe: str, key: str) -> Any:
-    """One setting (``temperature``, ``pmd_temperature``, ``neighbour_distance``) of a recipe in :data:`RECIPES`.
-
-    Example:
-        >>> recipe_setting("thesis", "pmd_temperature")
-        4.0
-    """
-    settings = _recipe(recipe)
-    if key not in settings or key == "weights":
-        raise ValueError(f"recipe setting {key!r} is not known; expected one of "
-                         f"{sorted(k for k in settings if k != 'weights')}.")  # fmt: skip
-    return settings[key]
 
 
 def transfer_split(dataset_dir: str | os.PathLike, transfer: bool) -> list[dict]:
@@ -322,12 +249,16 @@ def distillation_terms(
     neighbour_distance: int = 0,
     dice_hard: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """The terms of the CLI's settings: one ``LOSS_SCALE`` term per weighted scale, ``pmd`` and ``dice`` on the logits.
+    """The terms of a run's settings: one ``LOSS_SCALE`` term per weighted scale, ``pmd`` and ``dice`` on the logits.
+
+    The values are resolved ones (:func:`mkd.handlers.settings.distillation_settings`, which refuses a given
+    setting the run does not use): the feature loss gets each of them that its constructor takes, so a
+    recipe's default it does not take (an MSE run's ``temperature``) is simply not used.
 
     Args:
         weights: ``{term: weight}`` of :func:`distillation_weights` (``seg``, the scales, ``pmd`` and, when
             given, ``dice``: batch Dice against the teacher's prediction, :class:`~mkd.losses.SoftDiceKD`).
-        loss: a name in :data:`mkd.losses.LOSSES` (``--loss``), the feature loss of every scale.
+        loss: a name in :data:`mkd.losses.LOSSES` (the setting ``feature_loss``), the feature loss of every scale.
         temperature, mode, symmetric, max_samples, neighbour_distance: settings of the feature
             loss; each is given to it when its constructor takes that argument.
         pmd_temperature: the temperature of :class:`~mkd.losses.PMDLoss`.
@@ -372,45 +303,6 @@ def distillation_terms(
     if "dice" in weights:
         terms["dice"] = {"input": LOGITS, "loss": SoftDiceKD(hard=dice_hard), "weight": float(weights["dice"])}
     return terms
-
-
-def distillation_weights(
-    scales: Sequence[str],
-    weights: Mapping[str, float] | None = None,
-    pmd: bool = False,
-    recipe: str = "thesis",
-) -> dict[str, float]:
-    """The ``{term: weight}`` mapping for a run: the recipe's defaults for ``scales``, updated by ``weights``.
-
-    Terms are the scales, ``seg`` and ``pmd`` (0 unless ``pmd`` is true or given in ``weights``), and
-    ``dice`` (Dice against the teacher's prediction) when the recipe has it or ``weights`` gives it.
-
-    Args:
-        scales: the distilled feature scales.
-        weights: overrides, ``{term: weight}``.
-        pmd: prediction-map distillation on.
-        recipe: a name in :data:`RECIPES` whose weights are the defaults.
-
-    Example:
-        >>> distillation_weights(["bn"], pmd=True)
-        {'seg': 0.4, 'bn': 0.2, 'pmd': 0.2}
-        >>> distillation_weights(["enc", "bn"], {"bn": 0.5})
-        {'seg': 0.4, 'enc': 0.1, 'bn': 0.5, 'pmd': 0.0}
-    """
-    defaults = _recipe(recipe)["weights"]
-    out = {"seg": defaults["seg"]}
-    for s in scales:
-        out[s] = defaults.get(s, 0.1)
-    out["pmd"] = defaults["pmd"] if pmd else 0.0
-    if "dice" in defaults or "dice" in (weights or {}):
-        out["dice"] = defaults.get("dice", 0.0)
-    for k, v in (weights or {}).items():
-        if k not in out:
-            raise ValueError(
-                f"weight for {k!r} given, but {k!r} is not a selected scale, 'seg', 'pmd' or 'dice' ({list(out)})."
-            )
-        out[k] = float(v)
-    return out
 
 
 def load_teacher(
