@@ -80,8 +80,11 @@ _TOP_KEYS = {
     "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
     "baselines", "distill", "recipe",
 }  # fmt: skip
-_BLOCK_KEYS = {"table", "teacher", "student", "scales", "loss", "pmd", "mode", "data_fraction", "weights",
-               "settings", "tag", "recipe", "transfer"}  # fmt: skip
+#: the keys of a distill block besides the distillation settings (mkd.handlers.settings.SETTINGS, by bundle key)
+_BLOCK_KEYS = {"table", "teacher", "student", "data_fraction", "settings", "tag"}
+#: the distillation settings a block may list values of (expanded as a cartesian product); ``scales`` is required.
+#: The others are bundle overrides of the block (``weight_overrides``; ``temperature`` ... join its ``settings``).
+_EXPANDED = ("scales", "pmd", "feature_loss", "contrastive_mode", "recipe", "transfer")
 _SETTINGS_KEYS = {"all", "teacher", "student", "distill"}
 #: bundle keys set by the grid itself; settings may not override them.
 _RESERVED = {
@@ -108,16 +111,19 @@ class RunSpec:
         teacher: run id of the teacher (distillation runs).
         teacher_arch: the teacher's network.
         scales: distilled feature scales, in the order ``bn, enc, dec``.
-        loss: feature loss (``contrastive`` or ``mse``).
-        pmd: prediction-map distillation on.
-        mode: InfoNCE variant (``image``, ``pixel``, ``supervised``).
+        loss: feature loss (``contrastive``, ``mse``, ...; the setting ``feature_loss``); ``None`` when no
+            feature scale is distilled.
+        pmd: prediction-map distillation on (the recipe's unless the block says).
+        mode: InfoNCE variant (``image``, ``pixel``, ``supervised``; ``contrastive_mode``); ``None`` when no
+            feature scale is distilled.
         data_fraction: 0.5 (the prepared ``student`` list) or 1.0 (all training patients).
         baseline: run id of the matching student baseline (same arch, fraction, seed, profile).
         weights: loss weight overrides (``{term: weight}``) of a distillation run.
         settings: further bundle overrides (``--set``) of this run.
         groups: the grid blocks (thesis tables) that list this run.
-        recipe: distillation recipe (``mkd.handlers.RECIPES``); ``None`` = the bundle's default.
-        transfer: the student also learns from the teacher on unlabelled slices (``--transfer``).
+        recipe: distillation recipe (``mkd.handlers.RECIPES``); ``None`` = the default recipe.
+        transfer: the student also learns from the teacher on unlabelled slices (the recipe's unless the block
+            says).
     """
 
     id: str
@@ -188,11 +194,16 @@ class RunSpec:
                 teacher_ckpt=str(teacher_ckpt),
                 scales=list(self.scales),
                 pmd=self.pmd,
-                feature_loss=self.loss,
-                contrastive_mode=self.mode,
                 weight_overrides=dict(self.weights),
                 transfer=self.transfer,
             )
+            from mkd.handlers.settings import SETTINGS
+
+            # at its declared default a feature setting is left to the bundle (the same value), so that the bundle
+            # sees only what the run uses (an MSE run's "image" mode is no InfoNCE variant given to it)
+            for key, value in (("feature_loss", self.loss), ("contrastive_mode", self.mode)):
+                if value not in (None, SETTINGS[key].default):
+                    out[key] = value
             if self.recipe is not None:
                 out["recipe"] = self.recipe
             if self.teacher == self.baseline:  # self-training: a student checkpoint teaches, on purpose
@@ -323,10 +334,57 @@ def _tag(block: Mapping[str, Any]) -> str:
         if not tag.replace("_", "").replace(".", "").isalnum():
             raise MkdError(f"distill tag {tag!r} must be letters, digits, '.' and '_' (it goes into run ids)")
         return tag
-    extra = {k: block[k] for k in ("weights", "settings") if block.get(k)}
+    # hashed under the block's old key "weights", so that a run keeps its id whichever name the grid uses
+    extra = {k: block[key] for k, key in (("weights", "weight_overrides"), ("settings", "settings")) if block.get(key)}
     if not extra:
         return ""
     return "x" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def _block_settings(raw: Any, where: str) -> dict[str, Any]:
+    """A distill block with its distillation settings under their bundle keys (``loss`` -> ``feature_loss``, ...).
+
+    The settings that are not expanded and not ``weight_overrides`` (``temperature``, ``dice_hard``, ...) join the
+    block's ``settings``, where a block could always give them.
+    """
+    from mkd.handlers.settings import SETTINGS
+
+    aliases = {a: s.name for s in SETTINGS.values() for a in s.grid_aliases}
+    block = _check_keys(where, raw, _BLOCK_KEYS | set(SETTINGS) | set(aliases))
+    for alias, name in aliases.items():
+        if alias in block and name in block:
+            raise MkdError(f"{where}: give {name} once ({alias} is its old name)")
+        if alias in block:
+            block[name] = block.pop(alias)
+    moved = {k: block.pop(k) for k in SETTINGS if k in block and k not in (*_EXPANDED, "weight_overrides")}
+    settings = dict(block.get("settings") or {})
+    twice = sorted(set(moved) & set(settings))
+    if twice:
+        raise MkdError(f"{where}: {', '.join(twice)} given as a block key and under settings; give it once")
+    if moved:
+        block["settings"] = {**settings, **moved}
+    return block
+
+
+def _distill_settings(where: str, given: Mapping[str, Any]):
+    """:func:`mkd.handlers.settings.distillation_settings` of a grid run; a problem is an error naming the block."""
+    from mkd.bundle import is_expression
+    from mkd.handlers.settings import SETTINGS, SettingsError, distillation_settings
+
+    # a value MONAI evaluates (--allow-expressions) is checked by the bundle when the run starts
+    given = {k: v for k, v in given.items() if k in SETTINGS and not is_expression(v)}
+    try:
+        return distillation_settings(**given)
+    except SettingsError as err:
+        raise MkdError(f"{where}: {err}") from None
+
+
+def _transfer_part(recipe: str | None, transfer: bool) -> str:
+    """The recipe and transfer-set part of a distillation run id: ``-transfer`` names the transfer set once."""
+    part = f"-{recipe}" if recipe else ""
+    if transfer and recipe != "transfer":
+        return part + "-transfer"
+    return part + ("-notransfer" if not transfer and recipe == "transfer" else "")
 
 
 def load_grid(
@@ -396,7 +454,9 @@ def expand_grid(
     every seed of the students; ``teacher_seed: each`` trains one teacher per seed instead.
     Student baselines: one per (student, data fraction, seed), for the top-level
     ``data_fractions`` and for every fraction a distillation run uses. Distillation: the
-    cartesian product of each block's list-valued settings and the seeds.
+    cartesian product of each block's list-valued settings and the seeds; each run's distillation
+    settings (bundle keys, :data:`mkd.handlers.settings.SETTINGS`) are checked as ``mkd distill``
+    checks them (:func:`mkd.handlers.settings.distillation_settings`).
 
     Args:
         config: the parsed YAML (see ``docs/ablate.md``).
@@ -407,7 +467,8 @@ def expand_grid(
             (:func:`mkd.bundle.check_setting_values`); this runs code.
 
     Raises:
-        MkdError: unknown keys, unknown networks or scales, duplicate ids with different settings.
+        MkdError: unknown keys, unknown networks or scales, duplicate ids with different settings, distillation
+            settings that do not hold together (a given setting a run does not use, ...).
         ExpressionError: a setting MONAI would run as code, without ``allow_expressions``.
     """
     config = _check_keys("grid", config, _TOP_KEYS)
@@ -427,10 +488,8 @@ def expand_grid(
     students = _named(config.get("students"), "students", "student", allow_expressions)
     blocks = config.get("distill") or []
     default_recipe = config.get("recipe")
-    from mkd.handlers.distillation import RECIPES
-
-    if default_recipe is not None and default_recipe not in RECIPES:
-        raise MkdError(f"recipe must be one of {', '.join(sorted(RECIPES))}, got {default_recipe!r}")
+    if default_recipe is not None:
+        _distill_settings("grid", {"recipe": default_recipe})
     if not isinstance(blocks, list):
         raise MkdError(f"distill: expected a list of blocks, got {type(blocks).__name__}")
     if blocks and not teachers:
@@ -479,7 +538,7 @@ def expand_grid(
     distill_runs: list[RunSpec] = []
     for i, raw in enumerate(blocks):
         where = f"distill[{i}]"
-        block = _check_keys(where, raw, _BLOCK_KEYS)
+        block = _block_settings(raw, where)
         if "scales" not in block:
             raise MkdError(f"{where}: 'scales' is required (e.g. scales: [bn, enc, bn+enc+dec])")
         group = str(block.get("table", f"block {i + 1}"))
@@ -490,42 +549,29 @@ def expand_grid(
             if bad:
                 raise MkdError(f"{where}: {bad} not under {what} ({', '.join(known)})")
         scale_sets = [_scale_set(v, where) for v in _as_list(block["scales"])]
-        loss_list = [str(v) for v in _as_list(block.get("loss", "contrastive"))]
-        mode_list = [str(v) for v in _as_list(block.get("mode", "image"))]
-        pmd_list = _as_list(block.get("pmd", False))
+        # an omitted setting is not given: the recipe's (pmd, transfer) or the declared default (feature_loss, ...)
+        loss_list, mode_list, pmd_list, transfer_list = (
+            _as_list(block.get(k)) for k in ("feature_loss", "contrastive_mode", "pmd", "transfer")
+        )
         # a block's own recipe goes into ids and labels; the grid's default recipe does not
         named_recipe = "recipe" in block
         recipe_list = _as_list(block["recipe"]) if named_recipe else [default_recipe]
-        transfer_list = _as_list(block.get("transfer", False))
         frac_list = [_fraction(f, where) for f in _as_list(block.get("data_fraction", fractions))]
-        from mkd.losses import FEATURE_LOSSES
-        from mkd.losses.infonce import MODES
-
-        for v, allowed, name in ((loss_list, FEATURE_LOSSES, "loss"), (mode_list, MODES, "mode")):
-            bad = [x for x in v if x not in allowed]
-            if bad:
-                raise MkdError(f"{where}: {name} {bad[0]!r} is not one of {', '.join(allowed)}")
-        if any(not isinstance(p, bool) for p in pmd_list):
-            raise MkdError(f"{where}: pmd must be true, false or [false, true], got {block.get('pmd')!r}")
-        if any(not isinstance(t, bool) for t in transfer_list):
-            raise MkdError(f"{where}: transfer must be true, false or [false, true], got {block.get('transfer')!r}")
-        bad = [r for r in recipe_list if r is not None and r not in RECIPES]
-        if bad:
-            raise MkdError(f"{where}: recipe {bad[0]!r} is not one of {', '.join(sorted(RECIPES))}")
-        weights = _check_keys(f"{where}.weights", block.get("weights"), set(block.get("weights") or {}))
+        weights = _check_keys(f"{where}.weight_overrides", block.get("weight_overrides"),
+                              set(block.get("weight_overrides") or {}))  # fmt: skip
         extra = _settings(block.get("settings"), f"{where}.settings", allow_expressions)
         tag = _tag(block)
         product = itertools.product(t_keys, s_keys, scale_sets, pmd_list, loss_list, mode_list, frac_list,
                                     recipe_list, transfer_list, seeds)  # fmt: skip
         for tkey, skey, scales, pmd, loss, mode, fraction, recipe, transfer, seed in product:
-            if not scales and not pmd:
-                raise MkdError(f"{where}: nothing to distil with scales 'none' and pmd false")
-            try:
-                from mkd.handlers.distillation import distillation_weights
-
-                distillation_weights(scales, weights, pmd=pmd, recipe=recipe or "thesis")
-            except ValueError as err:
-                raise MkdError(f"{where}.weights: {err}") from None
+            s = students[skey]
+            settings = {**common["all"], **common["student"], **s["settings"], **common["distill"], **extra}
+            given = {**settings, "scales": list(scales), "pmd": pmd, "feature_loss": loss, "contrastive_mode": mode,
+                     "recipe": recipe, "transfer": transfer, "weight_overrides": weights or None}  # fmt: skip
+            resolved = _distill_settings(where, given)
+            pmd, transfer = resolved["pmd"], resolved["transfer"]
+            # no feature loss without a feature scale: a PMD-only run names none
+            loss, mode = (resolved["feature_loss"], resolved["contrastive_mode"]) if scales else (None, None)
             baseline = student_run(skey, fraction, seed)
             # self-training: the baseline student of the same seed teaches a fresh copy of itself
             teacher = baseline if tkey == SELF else teacher_run(tkey, seed)
@@ -534,22 +580,20 @@ def expand_grid(
             method = (f"Self-training({_label(skey, baseline.arch)}) {letters}" if tkey == SELF
                       else f"KD({_label(tkey, teacher.arch)},{_label(skey, baseline.arch)}) {letters}")  # fmt: skip
             method += " MSE" if loss == "mse" else ""
-            method += f" {mode}" if mode != "image" else ""
+            method += f" {mode}" if mode not in (None, "image") else ""
             method += " (100%)" if fraction == 1.0 else ""
             method += f" ({recipe} recipe)" if recipe and named_recipe else ""
             method += " +transfer" if transfer else ""
             method += f" [{tag}]" if tag else ""
-            run_id = f"distill-{skey}-{tkey}-{scale_tag}-{loss}" + (f"-{mode}" if mode != "image" else "")
-            run_id += f"-f{fraction}" + (f"-{recipe}" if recipe and named_recipe else "")
-            run_id += "-transfer" if transfer else ""
+            features = f"-{loss}" + (f"-{mode}" if mode != "image" else "") if scales else ""
+            run_id = f"distill-{skey}-{tkey}-{scale_tag}{features}-f{fraction}"
+            run_id += _transfer_part(recipe if named_recipe else None, transfer)
             run_id += (f"-{tag}" if tag else "") + f"-seed{seed}"
-            s = students[skey]
             spec = RunSpec(
                 id=run_id, kind="distill", method=method, arch=baseline.arch, seed=seed, profile=profile,
                 teacher=teacher.id, teacher_arch=teacher.arch, scales=scales, loss=loss, pmd=pmd, mode=mode,
                 data_fraction=fraction, baseline=baseline.id, weights={k: float(v) for k, v in weights.items()},
-                settings={**common["all"], **common["student"], **s["settings"], **common["distill"], **extra},
-                groups=[group], recipe=recipe, transfer=transfer,
+                settings=settings, groups=[group], recipe=recipe, transfer=transfer,
             )  # fmt: skip
             spec = add(spec)
             if spec not in distill_runs:

@@ -43,6 +43,7 @@ __all__ = [
     "check_datalist",
     "parse_overrides",
     "check_setting_values",
+    "is_expression",
     "check_setting_type",
     "SPECIAL_KEYS",
     "EXPRESSION_PREFIXES",
@@ -193,6 +194,16 @@ def _expression_in(value: Any, path: str) -> tuple[str, str] | None:
             if found:
                 return found
     return None
+
+
+def is_expression(value: Any) -> bool:
+    """Whether MONAI would evaluate ``value`` or something in it (``"$..."``, ``"@..."``, ``"%..."``, ``_target_``).
+
+    Example:
+        >>> is_expression("$1 + 1"), is_expression({"bn": 0.2}), is_expression(["a", {"_target_": "os.system"}])
+        (True, False, True)
+    """
+    return _expression_in(value, "") is not None
 
 
 def check_setting_values(settings: Mapping[str, Any], where: str = "setting") -> None:

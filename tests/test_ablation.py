@@ -32,15 +32,16 @@ def test_expansion_counts_ids_and_order():
     ids = [r.id for r in grid.runs]
     assert ids[:5] == ["teacher-t1-seed0", "student-s1-f0.5-seed0", "student-s1-f0.5-seed1",
                        "student-s2-f0.5-seed0", "student-s2-f0.5-seed1"]  # fmt: skip
+    # no recipe: the default one (pseudo), whose transfer set is on
     assert ids[5:9] == [
-        "distill-s1-t1-bn-contrastive-f0.5-seed0",
-        "distill-s1-t1-bn-contrastive-f0.5-seed1",
-        "distill-s1-t1-bn+pmd-contrastive-f0.5-seed0",
-        "distill-s1-t1-bn+pmd-contrastive-f0.5-seed1",
+        "distill-s1-t1-bn-contrastive-f0.5-transfer-seed0",
+        "distill-s1-t1-bn-contrastive-f0.5-transfer-seed1",
+        "distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed0",
+        "distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed1",
     ]
-    assert "distill-s1-t1-bn+enc+pmd-contrastive-f0.5-seed1" in ids  # scales in the order bn, enc, dec
-    kd = grid["distill-s1-t1-bn+enc+pmd-contrastive-f0.5-seed1"]
-    assert kd.method == "KD(T1,S1) B+E+PMD" and kd.scales == ("bn", "enc") and kd.pmd
+    assert "distill-s1-t1-bn+enc+pmd-contrastive-f0.5-transfer-seed1" in ids  # scales in the order bn, enc, dec
+    kd = grid["distill-s1-t1-bn+enc+pmd-contrastive-f0.5-transfer-seed1"]
+    assert kd.method == "KD(T1,S1) B+E+PMD +transfer" and kd.scales == ("bn", "enc") and kd.pmd and kd.transfer
     assert kd.teacher == "teacher-t1-seed0" and kd.baseline == "student-s1-f0.5-seed1"
     assert kd.settings == {"image_size": [32, 32]}  # not the teacher's network_preset
     assert grid["teacher-t1-seed0"].settings == {"image_size": [32, 32], "network_preset": "tiny"}
@@ -54,16 +55,20 @@ def test_expansion_counts_ids_and_order():
 
 
 def test_expansion_options_and_labels():
-    grid = expand_grid({**SMALL, "teacher_seed": "each", "distill": [
-        {"student": "s1", "scales": "bn", "loss": "mse", "data_fraction": 1.0, "pmd": True},
-        {"student": "s1", "scales": "none", "pmd": True, "mode": "pixel", "tag": "t04",
-         "settings": {"temperature": 0.4}},
+    grid = expand_grid({**SMALL, "teacher_seed": "each", "recipe": "recommended", "distill": [
+        {"student": "s1", "scales": "bn", "feature_loss": "mse", "data_fraction": 1.0, "pmd": True},
+        {"student": "s1", "scales": "bn", "contrastive_mode": "pixel", "tag": "t04", "settings": {"temperature": 0.4}},
+        {"student": "s1", "scales": "none", "pmd": True, "tag": "T2", "pmd_temperature": 2.0},
     ]}, seed_offset=3)  # fmt: skip
     assert [r.id for r in grid.runs if r.kind == "teacher"] == ["teacher-t1-seed3", "teacher-t1-seed4"]
     mse = grid["distill-s1-t1-bn+pmd-mse-f1.0-seed4"]
     assert mse.method == "KD(T1,S1) B+PMD MSE (100%)" and mse.teacher == "teacher-t1-seed4"
     assert mse.baseline == "student-s1-f1.0-seed4" and grid[mse.baseline].method == "S1 (100%)"
-    assert grid["distill-s1-t1-pmd-contrastive-pixel-f0.5-t04-seed3"].method == "KD(T1,S1) PMD pixel [t04]"
+    assert grid["distill-s1-t1-bn+pmd-contrastive-pixel-f0.5-t04-seed3"].method == "KD(T1,S1) B+PMD pixel [t04]"
+    # a PMD-only run names no feature loss: none was trained
+    pmd = grid["distill-s1-t1-pmd-f0.5-T2-seed3"]
+    assert pmd.method == "KD(T1,S1) PMD [T2]" and (pmd.loss, pmd.mode) == (None, None)
+    assert pmd.settings["pmd_temperature"] == 2.0  # a setting given as a block key is a bundle override
     # recipes and the transfer set: named in ids and labels, passed to the bundle
     block = {"student": "s1", "scales": "bn", "pmd": True, "recipe": ["thesis", "recommended"],
              "transfer": [False, True]}  # fmt: skip
@@ -79,15 +84,16 @@ def test_expansion_options_and_labels():
     assert kd.method == "KD(T1,S1) B+PMD" and kd.recipe == "thesis" and kd.bundle_overrides("/r")["recipe"] == "thesis"
     # the same configuration listed by two blocks is one run that belongs to both
     twice = expand_grid({**SMALL, "distill": [{"table": "A", "scales": "bn"}, {"table": "B", "scales": "bn"}]})
-    assert twice.count()["distill"] == 4 and twice["distill-s1-t1-bn-contrastive-f0.5-seed0"].groups == ["A", "B"]
+    assert twice.count()["distill"] == 4
+    assert twice["distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed0"].groups == ["A", "B"]
 
 
 def test_self_training_and_the_all_labels_reference(tmp_path):
     block = {"teacher": ["t1", "self"], "student": "s1", "scales": "bn", "pmd": True, "recipe": "transfer",
              "transfer": True, "data_fraction": 0.5}  # fmt: skip
     grid = expand_grid({**SMALL, "data_fractions": [0.5, 1.0], "distill": [block]})
-    own = grid["distill-s1-self-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
-    kd = grid["distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-transfer-seed0"]
+    own = grid["distill-s1-self-bn+pmd-contrastive-f0.5-transfer-seed0"]
+    kd = grid["distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed0"]
     # the baseline of the same seed and data is the teacher: it runs first, and is accepted as a teacher
     assert own.teacher == own.baseline == own.depends_on == "student-s1-f0.5-seed0" and own.teacher_arch == "s1"
     assert own.method == "Self-training(S1) B+PMD (transfer recipe) +transfer"
@@ -116,18 +122,75 @@ def test_self_training_and_the_all_labels_reference(tmp_path):
         ({"data_fractions": [0.3]}, "data fraction must be 0.5"),
         ({"settings": {"all": {"arch": "s2"}}}, "set by the grid itself"),
         ({"students": ["t1"]}, "is not a student"),
-        ({"distill": [{"scales": "none"}]}, "nothing to distil"),
+        ({"distill": [{"scales": "none", "pmd": False}]}, "nothing to distil"),
         ({"distill": [{"scales": "bn", "weights": {"dec": 0.3}}]}, "not a selected scale"),
         ({"profile": "gpu"}, "profile must be"),
-        ({"recipe": "best"}, "recipe must be one of"),
-        ({"distill": [{"scales": "bn", "recipe": "best"}]}, "recipe 'best' is not one of"),
-        ({"distill": [{"scales": "bn", "loss": "dist"}]}, "loss 'dist' is not one of contrastive, mse, cwd"),
-        ({"distill": [{"scales": "bn", "transfer": "yes"}]}, "transfer must be true, false"),
+        ({"recipe": "best"}, "grid: recipe='best': expected one of recommended, thesis, transfer, pseudo"),
+        ({"distill": [{"scales": "bn", "recipe": "best"}]}, r"distill\[0\]: recipe='best': expected one of"),
+        ({"distill": [{"scales": "bn", "loss": "dist"}]}, "feature_loss='dist': expected one of contrastive, mse, cwd"),
+        ({"distill": [{"scales": "bn", "transfer": "yes"}]}, "transfer='yes': expected true or false"),
+        ({"distill": [{"scales": "bn", "loss": "mse", "feature_loss": "mse"}]}, "give feature_loss once"),
+        ({"distill": [{"scales": "bn", "temperature": 0.2, "settings": {"temperature": 0.2}}]}, "give it once"),
     ],
 )
 def test_invalid_grids_are_clear_errors(change, message):
     with pytest.raises(MkdError, match=message):
         expand_grid({**SMALL, **change})
+
+
+def test_a_setting_the_run_does_not_use_is_an_error_in_a_grid_block_too():
+    """The CLI's check, from the same function: a given setting the block's runs do not use is named in one line."""
+    mse = {"scales": "bn", "feature_loss": "mse", "settings": {"temperature": 0.2}}
+    with pytest.raises(MkdError) as err:
+        expand_grid({**SMALL, "distill": [mse]})
+    assert str(err.value) == "distill[0]: temperature is set but feature_loss 'mse' does not use it"
+    with pytest.raises(MkdError, match=r"^distill\[0\]: temperature is set but feature_loss 'mse' does not use it$"):
+        expand_grid({**SMALL, "distill": [{"scales": "bn", "loss": "mse", "temperature": 0.2}]})  # a block key
+    with pytest.raises(MkdError, match=r"contrastive_mode is set but no feature scale is distilled \(scales none\)"):
+        expand_grid({**SMALL, "distill": [{"scales": "none", "pmd": True, "mode": "pixel"}]})
+    with pytest.raises(MkdError, match=r"dice_hard is set but the run has no dice term \(recipe 'recommended'"):
+        expand_grid({**SMALL, "distill": [{"scales": "bn", "recipe": "recommended", "settings": {"dice_hard": True}}]})
+    # a recipe's default the run does not use is no error: an MSE run of the recommended recipe (tau 0.4)
+    assert expand_grid({**SMALL, "distill": [{"scales": "bn", "loss": "mse", "recipe": "recommended"}]})
+
+
+def test_a_blocks_transfer_and_pmd_default_to_its_recipe_and_ids_name_what_was_trained():
+    def runs(**block):
+        grid = expand_grid({**SMALL, "seeds": [0], "students": ["s1"], "distill": [{"scales": "bn", **block}]})
+        return [r for r in grid.runs if r.kind == "distill"]
+
+    (tr,) = runs(recipe="transfer")  # the recipe's transfer set, named once (was -transfer-transfer-)
+    assert (tr.pmd, tr.transfer, tr.id) == (True, True, "distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed0")
+    assert tr.bundle_overrides("/r")["transfer"] is True and tr.method == "KD(T1,S1) B+PMD (transfer recipe) +transfer"
+    (off,) = runs(recipe="transfer", transfer=False)
+    assert off.id == "distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-notransfer-seed0" and not off.transfer
+    (rec,) = runs(recipe="recommended")
+    assert (rec.pmd, rec.transfer, rec.id) == (True, False, "distill-s1-t1-bn+pmd-contrastive-f0.5-recommended-seed0")
+    (pseudo,) = runs(recipe="pseudo", transfer=True)  # unchanged: the grids of the pseudo recipe keep their ids
+    assert pseudo.id == "distill-s1-t1-bn+pmd-contrastive-f0.5-pseudo-transfer-seed0"
+    # PMD only: no loss part (nothing contrastive was trained), and the bundle gets no feature loss
+    (pmd,) = runs(scales="none", recipe="recommended")
+    assert (pmd.id, pmd.loss, pmd.mode) == ("distill-s1-t1-pmd-f0.5-recommended-seed0", None, None)
+    over = pmd.bundle_overrides("/r")
+    assert over["scales"] == [] and over["pmd"] is True and not {"feature_loss", "contrastive_mode"} & set(over)
+    # an MSE run records InfoNCE's default mode as before (its run.json is unchanged) but does not pass it on
+    (mse,) = runs(recipe="recommended", feature_loss="mse")
+    assert mse.mode == "image" and mse.bundle_overrides("/r")["feature_loss"] == "mse"
+    assert "contrastive_mode" not in mse.bundle_overrides("/r")
+    from mkd.bundle import bundle_configs, compose_config
+
+    for run in (pmd, mse):  # the bundle's check agrees with the grid's
+        config = compose_config(bundle_configs("distill", "cpu"), run.bundle_overrides("/r"))
+        assert config.get_parsed_content("distillation")["pmd"] is True
+
+
+def test_old_grid_keys_are_aliases_of_the_bundle_keys():
+    old = {"scales": "bn", "loss": "contrastive", "mode": "pixel", "weights": {"bn": 0.3}, "recipe": "thesis"}
+    new = {"scales": "bn", "feature_loss": "contrastive", "contrastive_mode": "pixel", "weight_overrides": {"bn": 0.3},
+           "recipe": "thesis"}  # fmt: skip
+    a, b = (expand_grid({**SMALL, "distill": [block]}) for block in (old, new))
+    assert [r.run_json() for r in a.runs] == [r.run_json() for r in b.runs]
+    assert "distill-s1-t1-bn+pmd-contrastive-pixel-f0.5-thesis-x6210bf-seed0" in a  # the hash of main's ids
 
 
 def test_shipped_grids_mirror_the_thesis_tables():
@@ -215,7 +278,7 @@ def test_print_commands_dry_run_and_only(tmp_path):
     assert len([line for line in res.stdout.splitlines() if line.strip()]) == 11
     res = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert res.exit_code == 0 and "13 runs: 2 done, 11 pending" in res.output
-    assert run_status(grid, runs)["distill-s1-t1-bn-contrastive-f0.5-seed0"] == "pending"
+    assert run_status(grid, runs)["distill-s1-t1-bn-contrastive-f0.5-transfer-seed0"] == "pending"
 
 
 @pytest.mark.slow
@@ -227,7 +290,7 @@ def test_smoke_grid_end_to_end_then_nothing_new(tiny_prepared, tmp_path):
     assert res.exit_code == 0, res.output
     assert "ablate: 4 ran, 0 already done, 0 failed" in res.output
     folders = sorted(p.name for p in runs.iterdir() if p.is_dir())
-    assert folders == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0", "distill-s1-t1-pmd-contrastive-f0.5-seed0",
+    assert folders == ["distill-s1-t1-bn+pmd-contrastive-f0.5-seed0", "distill-s1-t1-pmd-f0.5-seed0",
                        "student-s1-f0.5-seed0", "teacher-t1-seed0"]  # fmt: skip
     for name in folders:
         d = runs / name
@@ -359,7 +422,7 @@ def test_grid_settings_are_values_and_dry_run_refuses_code(tmp_path, monkeypatch
         expand_grid(named)
     # plain strings pass (a loss named by its registry name); --allow-expressions lets code through, also to workers
     plain = expand_grid({**SMALL, "settings": {"distill": {"terms": {"bn": {"input": "bn", "loss": "contrastive"}}}}})
-    assert plain["distill-s1-t1-bn-contrastive-f0.5-seed0"].settings["terms"]["bn"]["loss"] == "contrastive"
+    assert plain["distill-s1-t1-bn-contrastive-f0.5-transfer-seed0"].settings["terms"]["bn"]["loss"] == "contrastive"
     allowed = load_grid(grid_file, allow_expressions=True)
     assert allowed["teacher-t1-seed0"].settings["epochs"] == code
     from mkd.ablation import run_command
@@ -444,8 +507,8 @@ def test_runs_held_by_a_parallel_ablate_are_running_elsewhere_not_failed(tmp_pat
     prefix = "[1/3] " if jobs == "1" else ""
     who = f"pid {os.getppid()} on {socket.gethostname()} since 09:00"
     assert f"{prefix}teacher-t1-seed0: running elsewhere ({who}); skipped" in res.output
-    blocked = ("distill-s1-t1-bn-contrastive-f0.5-seed0: skipped, teacher teacher-t1-seed0 is running elsewhere; "
-               "run the same command again once it is done")  # fmt: skip
+    blocked = ("distill-s1-t1-bn+pmd-contrastive-f0.5-transfer-seed0: skipped, teacher teacher-t1-seed0 is running "
+               "elsewhere; run the same command again once it is done")  # fmt: skip
     assert blocked in res.output
     assert "ablate: 0 ran, 0 already done, 0 failed, 1 blocked, 2 running elsewhere" in res.output
     assert "FAILED" not in res.output and "run(s) are being trained by another process" in res.output
