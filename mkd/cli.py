@@ -262,9 +262,6 @@ _NETWORK_NAMES = LazyNames("mkd.networks.registry", "NETWORKS")
 _NETWORK_PRESETS = LazyNames("mkd.networks.registry", "PRESET_NAMES")
 _TEACHERS = LazyNames("mkd.networks.registry", "TEACHERS")
 _STUDENTS = LazyNames("mkd.networks.registry", "STUDENTS")
-_LOSSES = LazyNames("mkd.losses", "FEATURE_LOSSES")
-_RECIPES = LazyNames("mkd.handlers.distillation", "RECIPES")
-_CONTRASTIVE_MODES = LazyNames("mkd.losses.infonce", "MODES")
 _PROJECTOR_KINDS = LazyNames("mkd.networks.projector", "KINDS")
 
 
@@ -523,21 +520,65 @@ def student(arch, data_fraction, optimizer, lr, **kwargs):
     _run_training("student", arch, overrides=_student_overrides(data_fraction, optimizer, lr), **kwargs)
 
 
-def _parse_weights(text: str | None) -> dict[str, float]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise click.BadParameter(
-                f"{part!r}: expected TERM=NUMBER, e.g. bn=0.2,enc=0.1,pmd=0.2", param_hint="--weights"
-            )
-    return out
+class _ScalesType(click.ParamType):
+    """``--scales``: comma-separated scale names, or ``none`` (PMD only)."""
+
+    name = "scales"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        return [] if value.strip().lower() == "none" else [s.strip() for s in value.split(",") if s.strip()]
+
+
+class _WeightsType(click.ParamType):
+    """``--weight-overrides`` / ``--weights``: ``TERM=W,...``."""
+
+    name = "weights"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict) or not value:
+            return dict(value or {})
+        out = {}
+        for part in value.split(","):
+            key, sep, number = part.partition("=")
+            try:
+                out[key.strip()] = float(number)
+            except ValueError:
+                sep = ""
+            if not sep:
+                self.fail(f"{part!r}: expected TERM=NUMBER, e.g. bn=0.2,enc=0.1,pmd=0.2", param, ctx)
+        return out
+
+
+def _setting_option(setting):
+    """The option of one declared distillation setting: its flag (and aliases), its type, no default (not given)."""
+    kwargs: dict = {"default": None, "help": setting.help, "show_default": setting.default_text}
+    if setting.type is bool:
+        decls = [f"{flag}/--no-{flag[2:]}" for flag in (setting.flag, *setting.aliases)]
+    else:
+        decls = [setting.flag, *setting.aliases]
+        types = {list: _ScalesType(), dict: _WeightsType(), float: float, int: click.IntRange(min=setting.minimum)}
+        kwargs["type"] = types.get(setting.type) or (click.Choice(setting.choices) if setting.choices else str)
+        if setting.type is dict:
+            kwargs["metavar"] = "TERM=W,..."
+    return click.option(*decls, setting.name, **kwargs)
+
+
+def distill_settings_options(func):
+    """One option per declared distillation setting (:data:`mkd.handlers.settings.SETTINGS`), named after its bundle
+    key; none has a default of its own, so the command knows which were given."""
+    from mkd.handlers.settings import SETTINGS
+
+    for setting in reversed(SETTINGS.values()):
+        func = _setting_option(setting)(func)
+    return func
+
+
+class _SettingsUsageError(click.ClickException):
+    """Distillation settings that do not hold together: one ``Error:`` line, exit status 2 (a usage error)."""
+
+    exit_code = 2
 
 
 @cli.command()
@@ -554,52 +595,7 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     is_flag=True,
     help="Accept a student or distilled checkpoint as --teacher, on purpose (refused otherwise).",
 )
-@click.option(
-    "--scales",
-    default="bn",
-    show_default=True,
-    help="Comma-separated feature scales to distil: any of enc, bn, dec (or 'none' for PMD only).",
-)
-@click.option(
-    "--loss",
-    "feature_loss",
-    type=click.Choice(_LOSSES),
-    default="contrastive",
-    show_default=True,
-    help="Feature loss: InfoNCE or plain feature regression (FitNets).",
-)
-@click.option("--pmd/--no-pmd", default=False, show_default=True, help="Add prediction-map distillation (soft KD).")
-@click.option(
-    "--recipe",
-    type=click.Choice(_RECIPES),
-    default="pseudo",  # mkd.handlers.DEFAULT_RECIPE (tests/test_cli.py checks that they agree)
-    show_default=True,
-    help="Default weights, temperatures and transfer set (docs/distill.md): pseudo (B+PMD, Dice against the "
-    "teacher's mask, the unlabelled transfer set: the one confirmed better than its baseline), recommended, "
-    "transfer, or the thesis's (seg 0.4, bn 0.2, enc 0.1, dec 0.1, pmd 0.2, T 4, tau 0.4, no neighbour mask).",
-)
-@click.option(
-    "--weights",
-    default=None,
-    metavar="TERM=W,...",
-    help="Override weights of seg, pmd, dice (Dice against the teacher's prediction) and the scales, e.g. "
-    "bn=0.2,pmd=0.5,dice=1 (default: the recipe's).",
-)
-@click.option("--tau", type=float, default=None, help="InfoNCE temperature (default: the recipe's).")
-@click.option("--pmd-temperature", type=float, default=None, help="PMD temperature T (default: the recipe's).")
-@click.option(
-    "--neighbours",
-    "neighbour_distance",
-    type=click.IntRange(min=0),
-    default=None,
-    help="InfoNCE: slices of the anchor's patient within N slices are not negatives (0: off; default: the recipe's).",
-)
-@click.option(
-    "--transfer/--no-transfer",
-    default=None,
-    help="Also learn from the teacher on unlabelled slices: training patients outside the student's half "
-    "and imagesTs (their labels are never read). Default: the recipe's (on for --recipe transfer and pseudo).",
-)
+@distill_settings_options
 @click.option(
     "--baseline",
     "baseline_ckpt",
@@ -614,13 +610,6 @@ def _parse_weights(text: str | None) -> dict[str, float]:
     default=None,
     help="The same student trained on all labels (mkd student --data-fraction 1.0): the run warns when the "
     "teacher is not better than it.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(_CONTRASTIVE_MODES),
-    default="image",
-    show_default=True,
-    help="InfoNCE variant: image-level in-batch (thesis), pixel-level, or supervised (same class).",
 )
 @click.option(
     "--projector",
@@ -641,20 +630,10 @@ def _parse_weights(text: str | None) -> dict[str, float]:
 def distill(
     teacher_ckpt,
     allow_student_teacher,
-    arch,
-    scales,
-    feature_loss,
-    pmd,
-    recipe,
-    weights,
-    tau,
-    pmd_temperature,
-    neighbour_distance,
-    transfer,
     baseline_ckpt,
     reference_ckpt,
-    mode,
     projector,
+    arch,
     data_fraction,
     optimizer,
     lr,
@@ -663,41 +642,33 @@ def distill(
 ):
     """Distil a frozen teacher into a student (distill bundle).
 
-    Example: mkd distill --teacher runs/teacher-t1/models/model.pt --scales enc,bn --pmd
+    With no settings it runs the default recipe as it was measured (docs/distill.md): B+PMD, Dice against
+    the teacher's mask, the unlabelled transfer set.
+
+    Example: mkd distill --teacher runs/teacher-t1/models/model.pt --scales enc,bn --recipe thesis
     """
     from pathlib import Path
 
-    from mkd.handlers import distillation_weights
+    from mkd.bundle import is_expression, parse_overrides
+    from mkd.handlers.settings import SETTINGS, SettingsError, distillation_settings
 
-    scale_list = [] if scales.strip().lower() == "none" else [s.strip() for s in scales.split(",") if s.strip()]
-    if not scale_list and not pmd:
-        raise click.BadParameter("nothing to distil: give at least one scale or --pmd", param_hint="--scales")
-    weight_overrides = _parse_weights(weights)
+    given = {name: value for name in SETTINGS if (value := kwargs.pop(name)) is not None}
+    # a setting given with --set as well wins, as over any option; an expression is checked when it runs
+    sets = {k: v for k, v in parse_overrides(kwargs["sets"]).items() if k in SETTINGS and not is_expression(v)}
     try:
-        distillation_weights(scale_list, weight_overrides, pmd=pmd, recipe=recipe)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--weights") from None
+        settings = distillation_settings(**{**given, **sets})
+    except SettingsError as err:
+        raise _SettingsUsageError(str(err)) from None
     if not Path(teacher_ckpt).is_file():
         raise MkdError(f"{teacher_ckpt}: teacher checkpoint not found; train one with `mkd teacher` or pass --teacher")
     overrides: dict = {
         "teacher_ckpt": str(Path(teacher_ckpt).resolve()),
         "allow_student_teacher": allow_student_teacher,
-        "scales": scale_list,
-        "weight_overrides": weight_overrides,
-        "pmd": pmd,
-        "feature_loss": feature_loss,
-        "recipe": recipe,
-        "contrastive_mode": mode,
+        **given,  # the settings given; the bundle resolves the others the same way
         "projector_kind": projector,
         "use_cache": cache,
         **_student_overrides(data_fraction, optimizer, lr),
     }
-    for key, value in (("temperature", tau), ("pmd_temperature", pmd_temperature),
-                       ("neighbour_distance", neighbour_distance)):  # fmt: skip
-        if value is not None:
-            overrides[key] = value
-    if transfer is not None:
-        overrides["transfer"] = transfer
     for key, path, option, how in (("baseline_ckpt", baseline_ckpt, "--baseline", "`mkd student`"),
                                    ("reference_ckpt", reference_ckpt, "--reference",
                                     "`mkd student --data-fraction 1.0`")):  # fmt: skip
@@ -707,8 +678,8 @@ def distill(
             raise MkdError(f"{path}: {key.split('_')[0]} checkpoint not found ({option}); train one with {how}")
         overrides[key] = str(Path(path).resolve())
     if kwargs.get("output_dir") is None:
-        tag = "+".join(scale_list) or "none"
-        kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if pmd else ''}"
+        tag = "+".join(settings["scales"]) or "none"
+        kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if settings['pmd'] else ''}"
     _run_training("distill", arch, overrides=overrides, **kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from mkd.cli import cli
@@ -23,7 +24,7 @@ def test_distill_without_a_teacher_checkpoint(tmp_path):
 
 
 def test_distill_needs_a_scale_or_pmd(tmp_path):
-    res = _invoke("distill", "--scales", "none", "--output", str(tmp_path / "run"))
+    res = _invoke("distill", "--scales", "none", "--no-pmd", "--output", str(tmp_path / "run"))
     assert res.exit_code == 2 and "nothing to distil" in res.output
 
 
@@ -35,17 +36,31 @@ def test_distill_rejects_weights_for_unselected_terms(tmp_path):
     assert res.exit_code == 2 and "expected TERM=NUMBER" in res.output
 
 
-def test_distill_recipe_options_reach_the_bundle(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_distill(tmp_path, monkeypatch):
+    """``(seen, teacher)``: a teacher checkpoint, and what ``mkd distill`` hands to the bundle (it runs nothing)."""
     import mkd.bundle
 
     seen = {}
 
     def fake_run_bundle(name, output_dir, dataset_dir, overrides=None, **kwargs):
-        seen.update(name=name, overrides=overrides)
+        seen.update(name=name, overrides=overrides, output_dir=output_dir)
         return {"checkpoint": str(tmp_path / "model.pt")}
 
     monkeypatch.setattr(mkd.bundle, "run_bundle", fake_run_bundle)
-    teacher = save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"))
+    return seen, save_checkpoint(tmp_path / "t.pt", build("t1", preset="tiny"))
+
+
+def _composed(overrides):
+    """The distill bundle's resolved settings for the overrides ``mkd distill`` gave it."""
+    from mkd.bundle import bundle_configs, compose_config
+
+    config = compose_config(bundle_configs("distill", "cpu"), overrides)
+    return config.get_parsed_content("distillation"), config.get_parsed_content("weights")
+
+
+def test_distill_recipe_options_reach_the_bundle(tmp_path, fake_distill):
+    seen, teacher = fake_distill
     args = ["distill", "--teacher", str(teacher), "--pmd", "--recipe", "thesis", "--pmd-temperature", "2",
             "--neighbours", "5", "--transfer", "--output", str(tmp_path / "run")]  # fmt: skip
     res = _invoke(*args)
@@ -92,13 +107,88 @@ def test_the_recipe_decides_the_transfer_set_and_says_so_in_one_line(tiny_prepar
         assert len(said) == (1 if extra else 0) and (not said or f"on {transfer} unlabelled slices" in said[0])
 
 
-def test_one_default_recipe_for_the_cli_the_bundle_and_the_library():
-    from mkd.bundle import bundle_configs, compose_config
+def test_one_default_recipe_for_the_cli_the_bundle_and_the_library(fake_distill):
     from mkd.handlers import DEFAULT_RECIPE
 
+    seen, teacher = fake_distill
     option = next(p for p in cli.commands["distill"].params if p.name == "recipe")
-    bundle = compose_config(bundle_configs("distill", "cpu"), {}).get("recipe")
-    assert option.default == bundle == DEFAULT_RECIPE == "pseudo"
+    assert option.default is None and option.show_default == DEFAULT_RECIPE == "pseudo"  # not given: the default
+    assert _invoke("distill", "--teacher", str(teacher)).exit_code == 0
+    assert "recipe" not in seen["overrides"] and _composed(seen["overrides"])[0]["recipe"] == DEFAULT_RECIPE
+
+
+def test_plain_distill_runs_the_measured_pseudo_setting(fake_distill):
+    """docs/distill.md measured pseudo as --scales bn --pmd; plain `mkd distill` ran it without PMD."""
+    seen, teacher = fake_distill
+    res = _invoke("distill", "--teacher", str(teacher))
+    assert res.exit_code == 0, res.output
+    settings, weights = _composed(seen["overrides"])
+    assert [settings[k] for k in ("scales", "pmd", "recipe", "transfer")] == [["bn"], True, "pseudo", True]
+    assert settings["dice_hard"] and weights == {"seg": 1.0, "bn": 0.2, "pmd": 1.0, "dice": 1.0}
+    assert seen["output_dir"].name == "distill-s1-bn-pmd"
+    explicit = dict(seen)
+    _invoke("distill", "--teacher", str(teacher), "--scales", "bn", "--pmd", "--recipe", "pseudo", "--transfer")
+    assert _composed(seen["overrides"]) == _composed(explicit["overrides"])
+
+
+def test_a_setting_the_run_does_not_use_is_a_one_line_error(fake_distill):
+    seen, teacher = fake_distill
+    for args in (["--loss", "mse", "--tau", "0.2"], ["--feature-loss", "mse", "--set", "temperature=0.2"]):
+        res = _invoke("distill", "--teacher", str(teacher), *args)
+        assert res.exit_code == 2 and "name" not in seen
+        assert res.output.strip() == "Error: temperature is set but feature_loss 'mse' does not use it"
+    res = _invoke("distill", "--teacher", str(teacher), "--loss", "mse", "--mode", "pixel", "--neighbours", "2")
+    assert res.output.strip() == (
+        "Error: contrastive_mode and neighbour_distance are set but feature_loss 'mse' does not use them"
+    )
+    res = _invoke("distill", "--teacher", str(teacher), "--scales", "none", "--loss", "contrastive")
+    assert res.output.strip() == "Error: feature_loss is set but no feature scale is distilled (scales none)"
+    res = _invoke("distill", "--teacher", str(teacher), "--no-pmd", "--pmd-temperature", "2")
+    assert res.output.strip() == "Error: pmd_temperature is set but PMD is off (pmd false and no pmd weight)"
+    # dice_hard without a dice term was silently unused
+    for args in (["--set", "dice_hard=true"], ["--dice-hard"], ["--no-dice-hard"]):
+        res = _invoke("distill", "--teacher", str(teacher), "--recipe", "recommended", *args)
+        assert res.exit_code == 2 and res.output.strip() == (
+            "Error: dice_hard is set but the run has no dice term (recipe 'recommended' has none; a dice weight "
+            "adds it)"
+        )
+    assert "name" not in seen
+    # a recipe's default the run does not use is no error: --loss mse keeps the recipe's tau unused
+    assert _invoke("distill", "--teacher", str(teacher), "--loss", "mse").exit_code == 0
+    assert seen["overrides"]["feature_loss"] == "mse" and "temperature" not in seen["overrides"]
+
+
+@pytest.mark.parametrize(
+    "old, new, value, key, expected",
+    [
+        ("--loss", "--feature-loss", "mse", "feature_loss", "mse"),
+        ("--mode", "--contrastive-mode", "pixel", "contrastive_mode", "pixel"),
+        ("--tau", "--temperature", "0.2", "temperature", 0.2),
+        ("--neighbours", "--neighbour-distance", "5", "neighbour_distance", 5),
+        ("--weights", "--weight-overrides", "bn=0.5,pmd=0.3", "weight_overrides", {"bn": 0.5, "pmd": 0.3}),
+    ],
+)
+def test_old_flags_are_aliases_of_the_bundle_keys(fake_distill, old, new, value, key, expected):
+    seen, teacher = fake_distill
+    given = []
+    for flag in (old, new):
+        assert _invoke("distill", "--teacher", str(teacher), flag, value).exit_code == 0
+        given.append(seen["overrides"][key])
+    assert given == [expected, expected]
+
+
+def test_the_distill_options_are_generated_from_the_declared_settings():
+    """One option per setting of mkd.handlers.settings.SETTINGS, named after its bundle key (plus its aliases)."""
+    from mkd.handlers.settings import SETTINGS
+
+    params = {p.name: p for p in cli.commands["distill"].params}
+    for setting in SETTINGS.values():
+        option = params[setting.name]
+        flags = [*option.opts, *option.secondary_opts]
+        assert flags[0] == setting.flag and set(setting.aliases) <= set(flags), flags
+        assert option.default is None and option.help == setting.help
+    spelled = [f for p in params.values() for f in [*p.opts, *p.secondary_opts]]
+    assert len(spelled) == len(set(spelled))  # no second option for a setting, under any spelling
 
 
 def test_the_pseudo_recipe_adds_dice_against_the_teachers_mask_and_a_setting_turns_it_soft(tiny_prepared):
