@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mkd.handlers.settings import (
@@ -10,7 +12,10 @@ from mkd.handlers.settings import (
     SETTINGS,
     SettingsError,
     distillation_settings,
+    settings_table,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_recipe_declares_the_settings_that_default_to_it_and_runs_what_was_measured():
@@ -80,3 +85,10 @@ def test_a_default_the_run_does_not_use_is_simply_not_used():
     assert distillation_settings(scales=[], pmd=True)["temperature"] == 0.4  # resolved, unused
     assert distillation_settings(feature_loss="cwd", temperature=2.0)["temperature"] == 2.0  # CWD takes it
     assert distillation_settings(pmd=False, weight_overrides={"pmd": 0.2}, pmd_temperature=4.0).weights["pmd"] == 0.2
+
+
+def test_the_docs_table_is_the_declared_settings():
+    """docs/distill.md shows mkd.handlers.settings.settings_table(), so the table cannot drift from the spec."""
+    assert settings_table() in (ROOT / "docs" / "distill.md").read_text()
+    for doc in ("ablate.md", "bundles.md"):
+        assert "distill.md#settings" in (ROOT / "docs" / doc).read_text(), doc
