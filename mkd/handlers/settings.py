@@ -46,19 +46,20 @@ SCALES = ("enc", "bn", "dec")
 #: T = 4, tau = 0.4, in-batch negatives as they come); ``recommended`` is the setting chosen on validation
 #: data with ``grids/kd_select_cpu.yaml``. Every recipe was measured as B+PMD (``scales`` bn, ``pmd`` on:
 #: docs/distill.md, grids/*.yaml), so that is what each one runs unless a setting says otherwise.
+# chosen with grids/kd_select_cpu.yaml (candidate T1w1): the best mean best_val_pooled_dice over
+# seeds 0-2 of four B+PMD candidates; the enc / dec weights were not part of the selection
+_RECOMMENDED: dict[str, Any] = {
+    "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
+    "scales": ["bn"],
+    "pmd": True,
+    "temperature": 0.4,
+    "pmd_temperature": 1.0,
+    "neighbour_distance": 3,
+    "transfer": False,
+    "dice_hard": False,
+}
 RECIPES: dict[str, dict[str, Any]] = {
-    # chosen with grids/kd_select_cpu.yaml (candidate T1w1): the best mean best_val_pooled_dice over
-    # seeds 0-2 of four B+PMD candidates; the enc / dec weights were not part of the selection
-    "recommended": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
-        "scales": ["bn"],
-        "pmd": True,
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
-        "transfer": False,
-        "dice_hard": False,
-    },
+    "recommended": _RECOMMENDED,
     "thesis": {
         "weights": dict(THESIS_WEIGHTS),
         "scales": ["bn"],
@@ -72,27 +73,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # chosen for "half the labels + distillation vs all labels" (docs/distill.md, "Labels saved") before
     # grids/kd_labels_cpu.yaml ran on seeds 30-34: the recommended B+PMD terms plus the unlabelled transfer
     # set, the one row of grids/kd_cpu.yaml above the baseline on validation (seeds 0-2)
-    "transfer": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0},
-        "scales": ["bn"],
-        "pmd": True,
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
-        "transfer": True,
-        "dice_hard": False,
-    },
+    "transfer": {**_RECOMMENDED, "weights": dict(_RECOMMENDED["weights"]), "transfer": True},
     # chosen with grids/kd_dice_select_cpu.yaml before grids/kd_labels_dice_cpu.yaml ran on seeds 30-34: the
     # 'transfer' recipe plus a batch Dice term (weight 1) against the teacher's thresholded mask on every slice,
     # the unlabelled ones included (pseudo-labels); it had the best mean validation pooled Dice over seeds 0-2
     # of the two Dice candidates (0.893 against 0.892 for the teacher's probabilities; S1 0.875)
     "pseudo": {
-        "weights": {"seg": 1.0, "bn": 0.2, "enc": 0.1, "dec": 0.1, "pmd": 1.0, "dice": 1.0},
-        "scales": ["bn"],
-        "pmd": True,
-        "temperature": 0.4,
-        "pmd_temperature": 1.0,
-        "neighbour_distance": 3,
+        **_RECOMMENDED,
+        "weights": {**_RECOMMENDED["weights"], "dice": 1.0},
         "transfer": True,
         "dice_hard": True,
     },
