@@ -140,12 +140,12 @@ def test_invalid_grids_are_clear_errors(change, message):
 
 def test_a_setting_the_run_does_not_use_is_an_error_in_a_grid_block_too():
     """The CLI's check, from the same function: a given setting the block's runs do not use is named in one line."""
-    mse = {"scales": "bn", "feature_loss": "mse", "settings": {"temperature": 0.2}}
+    mse = {"scales": "bn", "loss": "mse", "settings": {"temperature": 0.2}}  # a grid of today, silently tau-less
     with pytest.raises(MkdError) as err:
         expand_grid({**SMALL, "distill": [mse]})
     assert str(err.value) == "distill[0]: temperature is set but feature_loss 'mse' does not use it"
     with pytest.raises(MkdError, match=r"^distill\[0\]: temperature is set but feature_loss 'mse' does not use it$"):
-        expand_grid({**SMALL, "distill": [{"scales": "bn", "loss": "mse", "temperature": 0.2}]})  # a block key
+        expand_grid({**SMALL, "distill": [{"scales": "bn", "feature_loss": "mse", "temperature": 0.2}]})  # block key
     with pytest.raises(MkdError, match=r"contrastive_mode is set but no feature scale is distilled \(scales none\)"):
         expand_grid({**SMALL, "distill": [{"scales": "none", "pmd": True, "mode": "pixel"}]})
     with pytest.raises(MkdError, match=r"dice_hard is set but the run has no dice term \(recipe 'recommended'"):
