@@ -322,6 +322,41 @@ def test_predict_slices_captures_the_teachers_reconstruction_when_asked():
         predict_slices(TorchBackend(teacher, torch.device("cpu")), x, recon=True)
 
 
+def test_evaluate_the_report_and_infer_take_their_probabilities_from_predict_slices(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    """A stand-in predict_slices answers "all foreground" for a network that says "background" everywhere:
+    what evaluate, the report's panels and Segmenter give is that answer."""
+    import mkd.inference.predictor as predictor
+    from mkd.evaluation import evaluate_checkpoint
+    from mkd.reports.report import _pick_slices, _predict
+
+    real, where = predictor.predict_slices, []
+
+    def all_foreground(*args, **kwargs) -> SlicePrediction:
+        out = real(*args, **kwargs)
+        assert float(out.probs.max()) < 1e-6  # the network's own answer: background
+        where.append(kwargs.get("where"))
+        return SlicePrediction(torch.ones_like(out.probs), out.recon)
+
+    monkeypatch.setattr(predictor, "predict_slices", all_foreground)
+    net = build("s1")
+    head = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-20.0)
+    ckpt = save_checkpoint(tmp_path / "background.pt", net, run={"image_size": [32, 32]})
+
+    result = evaluate_checkpoint(ckpt, tiny_prepared, batch_size=7, device="cpu")
+    assert result.summary["pooled"]["recall"] == 1.0
+    assert len(where) == math.ceil(result.summary["slices"] / 7) and all(w.startswith("test slices of ") for w in where)
+    prob, _, _ = _predict(ckpt, _pick_slices(tiny_prepared, 2), [32, 32], "cpu")
+    assert prob.shape == (2, 1, 32, 32) and bool((prob == 1).all())
+    seg = Segmenter(ckpt, size=32, device="cpu", backend="torch")
+    mask = seg.segment(_volume(tmp_path, np.zeros((8, 8, 3), np.float32))).mask
+    assert mask.shape == (8, 8, 3) and bool(mask.all())
+
+
 @needs_sample
 def test_phantom_trained_student_gives_a_binary_mask_on_real_ct(tiny_prepared, tmp_path):
     """s1 trained a few steps on the 64x64 phantom; --data gives the preprocessing; --lcc keeps one blob."""
