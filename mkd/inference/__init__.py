@@ -23,7 +23,8 @@ The modules, each depending only on those above it:
 - :mod:`mkd.inference.geometry`: :func:`preprocess` and its inverse :func:`invert`;
 - :mod:`mkd.inference.backends`: PyTorch or ONNX Runtime (the graph from :mod:`mkd.export`), threads,
   int8 calibration slices;
-- :mod:`mkd.inference.predictor`: :func:`predict_slices`, :class:`Segmenter`.
+- :mod:`mkd.inference.predictor`: :func:`predict_slices` (also the prediction of ``mkd evaluate`` and of the
+  report's panels), :class:`Segmenter`.
 
 Example:
     >>> from mkd.inference import Segmenter  # doctest: +SKIP
@@ -55,7 +56,14 @@ from mkd.inference.io import (
     mask_bytes,
     save_mask,
 )
-from mkd.inference.predictor import FolderResult, InferenceResult, Segmenter, check_logits, predict_slices
+from mkd.inference.predictor import (
+    FolderResult,
+    InferenceResult,
+    Segmenter,
+    SlicePrediction,
+    check_logits,
+    predict_slices,
+)
 from mkd.inference.settings import InferenceSettings, resolve_settings
 from mkd.metrics.segmentation import keep_largest_component
 
@@ -74,6 +82,7 @@ __all__ = [
     "preprocess",
     "invert",
     "predict_slices",
+    "SlicePrediction",
     "check_logits",
     "keep_largest_component",
     "save_mask",

@@ -664,32 +664,30 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device, recon: bool = False):
-    """Run a checkpoint on ``items`` at its training size; probabilities (and reconstruction) at ``display`` size."""
+    """Run a checkpoint on ``items`` at its training size; probabilities at ``display`` size, reconstruction, input.
+
+    Raises:
+        MkdError: the network's output is NaN or infinite (as ``mkd evaluate``).
+    """
     import torch
     import torch.nn.functional as F
 
     from mkd.data.transforms import slice_transform
-    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
+    from mkd.inference.predictor import predict_slices
+    from mkd.networks import CheckpointRecord, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
     model.to(device).eval()
     size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or display)
     transform = slice_transform(size)
     batch = [transform(dict(d)) for d in items]
-    images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
-    recorder = FeatureRecorder(model, ["recon"], detach=True) if recon else None
-    with torch.no_grad():
-        if recorder is not None:
-            with recorder.recording():
-                logits = model(images)
-            rec = recorder.features["recon"].float().clamp(0, 1).cpu()
-            recorder.close()
-        else:
-            logits, rec = model(images), None
-    prob = torch.sigmoid(logits.float()).cpu()
+    images = torch.stack([torch.as_tensor(b["image"]) for b in batch])
+    where = f"test slices of {', '.join(sorted({str(d['patient']) for d in items}))}"
+    out = predict_slices(model, images, None, len(images), device, checkpoint, where=where, recon=recon)
+    prob = out.probs
     if list(prob.shape[-2:]) != list(display):
         prob = F.interpolate(prob, size=list(display), mode="nearest")
-    return prob, rec, images.cpu()
+    return prob, None if out.recon is None else out.recon.cpu(), images
 
 
 def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_dir, device) -> None:

@@ -241,3 +241,30 @@ def test_the_end_of_a_validation_curve_says_whether_training_converged(tmp_path)
     table = convergence_table(runs)
     assert table["method"].tolist() == ["S1", "KD"] and table["best epoch"].tolist() == ["14, 15", "13"]
     assert table.iloc[0]["val Dice, last 3 epochs - 3 before"] == "+0.0020 ± 0.0014"
+
+
+def test_the_panels_refuse_a_network_whose_output_is_not_finite_as_evaluate_does(tiny_prepared, tmp_path):
+    """The qualitative panels drew a diverged network's NaN output as an empty mask; mkd evaluate refused it."""
+    import re
+
+    import torch
+
+    from mkd.networks import build, save_checkpoint
+    from mkd.reports.report import _pick_slices, _predict
+
+    torch.manual_seed(0)
+    net = build("s1")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1e30)  # finite weights (load_network accepts them), an overflowing output
+    ckpt = save_checkpoint(tmp_path / "big.pt", net, run={"image_size": [32, 32]})
+    items = _pick_slices(tiny_prepared, 2)
+    with pytest.raises(MkdError) as err:
+        _predict(ckpt, items, [64, 64], "cpu")
+    patients = ", ".join(sorted({d["patient"] for d in items}))
+    assert re.fullmatch(
+        rf"{re.escape(str(ckpt))}: the network's output holds \d+ NaN or infinite value\(s\) of {2 * 32 * 32} "
+        rf"\(test slices of {patients}\); its weights are broken \(a diverged run\?\): retrain it or use an "
+        "earlier checkpoint",
+        str(err.value),
+    ), str(err.value)
