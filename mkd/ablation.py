@@ -598,8 +598,8 @@ def _check_identity(spec: RunSpec, run_dir: Path) -> None:
     diff = _identity_diff(old, spec)
     if diff:
         details = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} in the grid" for k in diff)
-        raise MkdError(f"{run_dir}: a finished run with other settings ({details}); use another --runs folder "
-                       "or delete that run folder")  # fmt: skip
+        raise MkdError(f"{run_dir}: a finished run with other settings ({details}); use another runs folder "
+                       "(`runs_dir`) or delete that run folder")  # fmt: skip
 
 
 def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
@@ -704,7 +704,7 @@ def execute_run(
         return "done"
     if spec.depends_on and not is_done(runs_dir / spec.depends_on):
         raise MkdError(f"run {spec.id} needs teacher run {spec.depends_on}, which is not done; run it first "
-                       f"(mkd ablate ... --only {spec.depends_on})")  # fmt: skip
+                       f"(`only={spec.depends_on}`)")  # fmt: skip
     runs_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(runs_dir, spec.id):
         if is_done(run_dir):  # another process finished it between the check above and the lock
@@ -734,7 +734,7 @@ def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, 
             from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run
 
             # a folder of this name that no run wrote (a user's files) is reported, not deleted
-            check_replaceable(run_dir, RUN_COMMANDS, option="--runs", keep={"dataset": data_dir}, legacy=legacy_run,
+            check_replaceable(run_dir, RUN_COMMANDS, option="`runs_dir`", keep={"dataset": data_dir}, legacy=legacy_run,
                               by="mkd ablate")  # fmt: skip
             logger.info("%s: removing a half-finished run folder and starting over", spec.id)
             shutil.rmtree(run_dir)
@@ -853,7 +853,7 @@ def run_ablation(
     """
     say = progress or logger.info
     if jobs < 1:
-        raise MkdError(f"--jobs must be >= 1, got {jobs}")
+        raise MkdError(f"`jobs` must be >= 1, got {jobs}")
     runs_dir = Path(runs_dir).resolve()
     selected = _select(grid, only, kinds)
     t0 = time.perf_counter()
@@ -870,12 +870,12 @@ def run_ablation(
         for r in pending:
             if r.depends_on and r.depends_on not in result.pending and not is_done(runs_dir / r.depends_on):
                 raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done; run it first "
-                               f"(--only {r.depends_on})")  # fmt: skip
+                               f"(`only={r.depends_on}`)")  # fmt: skip
     elif kinds:
         for r in pending:
             if r.depends_on and not is_done(runs_dir / r.depends_on) and r.depends_on not in result.pending:
                 raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done and not selected "
-                               "(add --kind teacher)")  # fmt: skip
+                               "(add `kinds=teacher`)")  # fmt: skip
     say(f"{len(selected)} runs: {len(result.done)} done, {len(pending)} pending")
     if not pending:
         result.seconds = round(time.perf_counter() - t0, 1)

@@ -2,7 +2,8 @@
 
 Heavy imports (torch, MONAI) happen inside each command so that ``mkd --help``
 stays fast. Errors the user can fix (:class:`mkd.errors.MkdError`) become one
-``Error: ...`` line and exit status 1.
+``Error: ...`` line and exit status 1; the library names parameters in them
+(`` `overwrite=True` ``), the CLI its flags (``--overwrite``: :mod:`mkd.cli_options`).
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ import click
 
 from mkd import __version__
 from mkd.bundle import PROFILES, ROLES
+from mkd.cli_options import as_flags
 from mkd.errors import ExpressionError, MkdError
 
 __all__ = ["main", "cli"]
 
 
 def _user_errors(func):
-    """Turn MkdError (and ValueError raised by our own validation) into click errors."""
+    """Turn MkdError (and a full disk or an unwritable folder) into one ``Error:`` line that names flags."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except MkdError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(as_flags(str(err))) from None
         except Exception as err:
             found = _storage_error(err)
             if found is None:
@@ -217,7 +219,7 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
     if overwrite:  # a prepared dataset (prepare.json) or an empty folder; never the current folder or one above it
         from mkd.ownership import check_replaceable
 
-        check_replaceable(out, ("prepare",), option="--out", legacy=lambda p: (p / "prepare.json").is_file())
+        check_replaceable(out, ("prepare",), option="`out_dir`", legacy=lambda p: (p / "prepare.json").is_file())
     from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE
 
     source_info: dict = {}
@@ -956,7 +958,7 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
             try:
                 check_datalist(data, ["training", "validation", "test"])
             except MkdError as err:  # what a real run would stop at
-                click.echo(f"warning: a real run would stop here: {err}", err=True)
+                click.echo(f"warning: a real run would stop here: {as_flags(str(err))}", err=True)
         return
     if print_commands:
         pending = [r for r in selected if status[r.id] != "done"]
@@ -1169,7 +1171,7 @@ def infer(checkpoint, input_path, output_path, data_dir, window, channels, spaci
     except ValueError as err:
         if isinstance(err, MkdError):
             raise
-        raise click.UsageError(str(err)) from None
+        raise click.UsageError(as_flags(str(err))) from None
     if batch:
         click.echo(f"backend: {seg.describe()}")
         click.echo(f"largest connected component: {'on' if seg.lcc else 'off'}")

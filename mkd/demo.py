@@ -79,9 +79,9 @@ def run_demo(
     out = Path(out).resolve()
     if out.exists():
         if not overwrite:
-            raise MkdError(f"{out}: demo folder exists; pass --overwrite to replace it")
+            raise MkdError(f"{out}: demo folder exists; pass `overwrite=True` to replace it")
         # only a folder the demo wrote (or an empty one): never a folder of the user's files
-        check_replaceable(out, ("demo",), option="--out", legacy=lambda p: (p / "demo.json").is_file())
+        check_replaceable(out, ("demo",), option="`out`", legacy=lambda p: (p / "demo.json").is_file())
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     mark_owner(out, "demo")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError", "first_line"]
+__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError", "first_line", "output_exists"]
 
 
 class MkdError(Exception):
@@ -12,6 +12,12 @@ class MkdError(Exception):
 
     The CLI prints ``Error: <message>`` on one line and exits with status 1; it
     never prints a traceback for these.
+
+    A message names what the caller can change by its Python parameter, in backticks:
+    `` `overwrite=True` ``, `` `device=cpu` ``, `` `data_dir` ``. A Python user reads the
+    parameter they passed; the CLI rewrites each backticked parameter into its flag
+    (``--overwrite``, ``--device cpu``, ``--data``) with one table, :data:`mkd.cli_options.PARAMETER_FLAGS`.
+    Only backticked names are rewritten, so a path or a setting key quoted in the message stays as it is.
     """
 
 
@@ -61,3 +67,13 @@ def first_line(err: BaseException, limit: int = 200) -> str:
         return type(err).__name__
     line = text.splitlines()[0].strip()
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def output_exists(path: str | PathLike) -> MkdError:
+    """The error for an output that exists while ``overwrite`` is false (one wording for every writer).
+
+    Example:
+        >>> str(output_exists("mask.nii.gz"))
+        'mask.nii.gz: output already exists; pass `overwrite=True` to replace it'
+    """
+    return MkdError(f"{path}: output already exists; pass `overwrite=True` to replace it")

@@ -47,11 +47,11 @@ def test_markers_name_the_command_and_only_marked_or_empty_folders_are_replaceab
     with pytest.raises(MkdError) as err:
         check_replaceable(run, ("student",))
     assert str(err.value) == (
-        f"{run}: not written by mkd student (no {OWNER_FILE}) and not empty; --overwrite replaces only a folder "
-        "written by mkd student: choose another --output, or move its files away yourself"
-    )
+        f"{run}: not written by mkd student (no {OWNER_FILE}) and not empty; `overwrite=True` replaces only a "
+        "folder written by mkd student: choose another `output_dir`, or move its files away yourself"
+    )  # the library names its parameters; the CLI's tests below read the flags
     mark_owner(run, "demo")
-    with pytest.raises(MkdError, match=r"run: written by mkd demo and not empty; --overwrite replaces only"):
+    with pytest.raises(MkdError, match=r"run: written by mkd demo and not empty; `overwrite=True` replaces only"):
         check_replaceable(run, ("student",))
     mark_owner(run, "student")
     assert owner_of(run) == "student"
@@ -217,8 +217,8 @@ def test_ablate_does_not_delete_a_run_folder_it_did_not_write(tmp_path):
         execute_run(spec, tmp_path / "runs", tmp_path / "data")
     assert str(err.value) == (
         f"{run}: not written by mkd teacher / mkd student / mkd distill (no {OWNER_FILE}) and not empty; mkd ablate "
-        "replaces only a folder written by mkd teacher / mkd student / mkd distill: choose another --runs, or move "
-        "its files away yourself"
+        "replaces only a folder written by mkd teacher / mkd student / mkd distill: choose another `runs_dir`, or "
+        "move its files away yourself"
     )
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 

@@ -18,7 +18,7 @@ import numpy as np
 from mkd.data.checks import check_finite, check_resampled_size, check_spacing, warn_if_not_ct
 from mkd.data.decathlon import Case, case_id, read_task
 from mkd.data.split import SPLITS, read_split_file, split_patients, student_subset
-from mkd.errors import InputError, MkdError, first_line
+from mkd.errors import InputError, MkdError, first_line, output_exists
 
 __all__ = [
     "DATALIST_KEYS",
@@ -126,7 +126,7 @@ def _load_checked(case: Case, label_value: int | None, spacing: Sequence[float] 
         if not set(values.tolist()) <= {0.0, 1.0}:
             raise InputError(
                 case.label,
-                f"label values {_fmt_values(values)}; expected {{0, 1}} (pass --label-value N to segment label N)",
+                f"label values {_fmt_values(values)}; expected {{0, 1}} (pass `label_value=N` to segment label N)",
             )
         if 1.0 not in set(values.tolist()):
             logger.warning("%s: the label is empty (no foreground voxel); its volume teaches only background",
@@ -204,8 +204,8 @@ def _keep_rows(fg_per_z: np.ndarray, keep: str, margin: int) -> np.ndarray:
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an existing ``out_dir`` unless ``overwrite`` is set and ``mkd prepare`` wrote it (or it is empty).
 
-    ``--overwrite`` replaces a prepared dataset; it never deletes a folder that holds
-    something else (a typo in ``--out`` must not cost a user their files).
+    ``overwrite`` replaces a prepared dataset; it never deletes a folder that holds
+    something else (a typo in ``out_dir`` must not cost a user their files).
 
     Raises:
         MkdError: ``out_dir`` exists and ``overwrite`` is false, or it is a file, or a folder
@@ -215,13 +215,13 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not overwrite:
-        raise MkdError(f"{out_dir}: output already exists; pass --overwrite to replace it")
+        raise output_exists(out_dir)
     if not out_dir.is_dir() or out_dir.is_symlink():
-        raise MkdError(f"{out_dir}: not a folder; --overwrite replaces only a dataset written by `mkd prepare`")
+        raise MkdError(f"{out_dir}: not a folder; `overwrite=True` replaces only a dataset written by `mkd prepare`")
     if not (out_dir / "prepare.json").is_file() and any(out_dir.iterdir()):
         raise MkdError(
-            f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; --overwrite replaces only "
-            "a prepared dataset: choose another --out"
+            f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; `overwrite=True` replaces "
+            "only a prepared dataset: choose another `out_dir`"
         )
 
 
@@ -291,11 +291,11 @@ def prepare_dataset(
 
     t0 = time.perf_counter()
     if channels not in ("replicate", "2.5d"):
-        raise MkdError(f"--channels must be 'replicate' or '2.5d', got {channels!r}")
+        raise MkdError(f"`channels` must be 'replicate' or '2.5d', got {channels!r}")
     if keep not in ("all", "organ"):
-        raise MkdError(f"--keep must be 'all' or 'organ', got {keep!r}")
+        raise MkdError(f"`keep` must be 'all' or 'organ', got {keep!r}")
     if margin < 0 or size < 8:
-        raise MkdError(f"--margin must be >= 0 and --size >= 8, got margin={margin}, size={size}")
+        raise MkdError(f"`margin` must be >= 0 and `size` >= 8, got margin={margin}, size={size}")
     try:
         window = parse_window(window) if window != "max" else "max"
     except ValueError as err:
@@ -410,10 +410,10 @@ def prepare_dataset(
             if progress is not None:
                 progress(pid, n + 1, total)
         if label_value is not None and label_fg_total == 0:
-            raise MkdError(f"--label-value {label_value}: no voxel has this value in any label file of {task.root}")
+            raise MkdError(f"`label_value={label_value}`: no voxel has this value in any label file of {task.root}")
         for key in DATALIST_KEYS:
             if not datalist[key]:
-                raise MkdError(f"the {key} split has no slices (check --keep organ and the masks)")
+                raise MkdError(f"the {key} split has no slices (check `keep=organ` and the masks)")
         datalist["patients"] = {
             **{k: list(split[k]) for k in SPLITS},
             "student": [p for p in split["training"] if p in student_set],

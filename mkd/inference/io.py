@@ -232,7 +232,7 @@ def check_folder_job(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     volumes = find_volumes(input_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(output_dir, "is a file; with a folder --input, --output must be a folder")
+        raise InputError(output_dir, "is a file; with a folder `input_dir`, `output_dir` must be a folder")
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(output_dir, "output folder is the input folder; masks would overwrite the CTs")
     from mkd.utils import check_writable
@@ -242,7 +242,7 @@ def check_folder_job(
     if existing and not (overwrite or skip_existing):
         raise MkdError(
             f"{existing[0]}: output already exists ({len(existing)} of {len(volumes)} in {output_dir}); "
-            "pass --overwrite to replace them or --skip-existing to keep them"
+            "pass `overwrite=True` to replace them or `skip_existing=True` to keep them"
         )
     return volumes
 
