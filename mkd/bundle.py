@@ -42,6 +42,8 @@ __all__ = [
     "resume_point",
     "check_datalist",
     "parse_overrides",
+    "summary_lines",
+    "resume_lines",
     "check_setting_values",
     "check_setting_type",
     "SPECIAL_KEYS",
@@ -329,6 +331,19 @@ def resume_point(ckpt_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
     return (None if last is None else str(last)), newer_bad
 
 
+def resume_lines(ckpt_dir: str | os.PathLike, epochs: Any = "?") -> list[str]:
+    """What a run resumed from ``ckpt_dir`` says first: the truncated checkpoints passed over, its start epoch.
+
+    Empty when there is no complete checkpoint (:func:`run_bundle` then says why it cannot resume).
+    """
+    ckpt, truncated = resume_point(ckpt_dir)
+    if ckpt is None:
+        return []
+    lines = [f"{bad}: truncated (was the run killed while writing it?); skipped" for bad in truncated]
+    done = int(Path(ckpt).stem.split("=")[1])
+    return [*lines, f"resuming from {ckpt} (epoch {done} of {epochs})"]
+
+
 def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     """The newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (the resume point), or ``None``."""
     return resume_point(ckpt_dir)[0]
@@ -538,6 +553,21 @@ def _run_in_process(parser) -> None:
     finally:
         if "finalize" in parser:
             parser.get_parsed_content("finalize", lazy=True)
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """What a finished run says: the best epoch and its validation metrics, the checkpoint and the time.
+
+    Args:
+        summary: what :func:`run_bundle` returned.
+    """
+    keys = [k for k in summary if k.startswith("best_val_")]
+    lines = []
+    if keys:
+        metrics = ", ".join(f"{k[len('best_') :]}={summary[k]:.4f}" for k in keys)
+        lines.append(f"best epoch {summary.get('best_epoch')}/{summary.get('epochs')}: {metrics}")
+    lines.append(f"checkpoint: {summary['checkpoint']}  ({summary.get('seconds', 0):.0f} s)")
+    return lines
 
 
 def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
