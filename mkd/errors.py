@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError", "first_line", "output_exists"]
+__all__ = ["MkdError", "InputError", "ExpressionError", "LockedError", "first_line", "output_exists", "storage_problem"]
 
 
 class MkdError(Exception):
@@ -77,3 +77,31 @@ def output_exists(path: str | PathLike) -> MkdError:
         'mask.nii.gz: output already exists; pass `overwrite=True` to replace it'
     """
     return MkdError(f"{path}: output already exists; pass `overwrite=True` to replace it")
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """One line for a full disk or a folder mkd may not write (also when wrapped by MONAI / ignite), else ``None``.
+
+    The chain of causes is searched for an ``OSError`` of no space, quota, permission or a read-only
+    file system; the line names the folder (a temporary file's folder for a full disk) and what to do.
+    """
+    import errno
+    import os
+
+    full = "free some space or choose another output folder, then run again"
+    denied = "fix its permissions or choose a folder you may write to (HOME too), then run again"
+    codes = {errno.ENOSPC: ("no space left on the device", full), errno.EDQUOT: ("disk quota exceeded", full),
+             errno.EACCES: ("permission denied", denied), errno.EPERM: ("permission denied", denied),
+             errno.EROFS: ("read-only file system", denied)}  # fmt: skip
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in codes:
+            problem, todo = codes[cause.errno]
+            where = cause.filename or "writing the output"
+            if cause.errno in (errno.ENOSPC, errno.EDQUOT) and cause.filename:  # often a temporary file's name
+                where = f"{os.path.dirname(cause.filename) or '.'} (writing {os.path.basename(cause.filename)})"
+            return f"{where}: {problem}; {todo}"
+        cause = cause.__cause__ or cause.__context__
+    return None

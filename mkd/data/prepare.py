@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ __all__ = [
     "UNLABELLED_KEY",
     "PrepareSummary",
     "check_output_dir",
+    "find_task",
     "load_manifest",
     "load_prepare_info",
     "load_split",
@@ -209,7 +211,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
 
     Raises:
         MkdError: ``out_dir`` exists and ``overwrite`` is false, or it is a file, or a folder
-            that is neither empty nor holds ``prepare.json``.
+            that is neither empty nor holds ``prepare.json``, or one that
+            :func:`mkd.ownership.check_replaceable` keeps (the current folder, a folder above it).
     """
     out_dir = Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
@@ -223,6 +226,44 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
             f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; `overwrite=True` replaces "
             "only a prepared dataset: choose another `out_dir`"
         )
+    from mkd.ownership import check_replaceable
+
+    # a prepared dataset (prepare.json) or an empty folder; never the current folder or one above it
+    check_replaceable(out_dir, ("prepare",), option="`out_dir`", legacy=lambda p: (p / "prepare.json").is_file())
+
+
+def find_task(
+    *,
+    decathlon: str | None = None,
+    source: str | os.PathLike | None = None,
+    root: str | os.PathLike = ".",
+    download: bool = False,
+    cases: int | None = None,
+    shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """The task folder to prepare, and where it came from (the ``source_info`` of :func:`prepare_dataset`).
+
+    A Decathlon task (``decathlon``, found, extracted or downloaded in ``root``), a task folder or
+    ``.tar`` given directly (``source``): :func:`mkd.data.locate_task`. Neither: the built-in phantom
+    written to ``root`` (:func:`mkd.data.write_phantom`, ``cases`` volumes of ``shape`` voxels from
+    ``seed``; ``progress(done, total)`` after each volume).
+
+    Returns:
+        ``(task folder, source_info)``.
+    """
+    from mkd.data.decathlon import locate_task
+
+    if decathlon or source:
+        task = locate_task(decathlon=decathlon, source=source, root=root, download=download)
+        return task, {"source": "decathlon" if decathlon else "source"}
+    from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, write_phantom
+
+    n_cases = PHANTOM_CASES if cases is None else int(cases)
+    grid = PHANTOM_SHAPE if shape is None else tuple(int(s) for s in shape)
+    task = write_phantom(root, cases=n_cases, shape=grid, seed=seed, progress=progress)
+    return task, {"source": "phantom", "phantom": {"cases": n_cases, "shape": list(grid), "seed": seed}}
 
 
 def prepare_dataset(
