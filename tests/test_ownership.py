@@ -293,7 +293,7 @@ def test_infer_preview_never_replaces_a_volume_or_another_file(tmp_path):
     assert res.output.strip() == f"Error: {figure}: preview already exists; pass --overwrite to replace it"
     res = _invoke(*args, "--png", figure, "--overwrite")
     assert res.output.strip() == (
-        f"Error: {figure}: is not a PNG image; --overwrite replaces only an earlier preview: give --preview "
+        f"Error: {figure}: is not a PNG image; --overwrite replaces only an earlier preview: give --preview/--png "
         "another name"
     )
     assert ct.read_bytes() == before and figure.read_bytes() == b"my own figure, not a PNG"
