@@ -18,6 +18,7 @@ from mkd import __version__
 from mkd.bundle import PROFILES, ROLES
 from mkd.cli_options import ONE_LINE_ERRORS as _ONE_LINE_ERRORS
 from mkd.cli_options import (
+    OPTIMIZERS,
     Names,
     Numbers,
     Window,
@@ -28,6 +29,7 @@ from mkd.cli_options import (
     output_option,
     overwrite_option,
     seed_option,
+    student_options,
     training_options,
 )
 from mkd.cli_options import user_errors as _user_errors
@@ -150,7 +152,6 @@ def prepare_cmd(decathlon, phantom, source, root, out, download, size, channels,
 _NETWORK_NAMES = Names("mkd.networks.registry", "NETWORKS")
 _NETWORK_PRESETS = Names("mkd.networks.registry", "PRESET_NAMES")
 _TEACHERS = Names("mkd.networks.registry", "TEACHERS")
-_STUDENTS = Names("mkd.networks.registry", "STUDENTS")
 _LOSSES = Names("mkd.losses", "FEATURE_LOSSES")
 _RECIPES = Names("mkd.handlers.distillation", "RECIPES")
 _CONTRASTIVE_MODES = Names("mkd.losses.infonce", "MODES")
@@ -218,14 +219,6 @@ def _run_training(bundle: str, arch: str, data_dir, output_dir, profile, epochs,
     return summary
 
 
-_OPTIMIZERS = {
-    "rmsprop": "torch.optim.RMSprop",
-    "adamw": "torch.optim.AdamW",
-    "adam": "torch.optim.Adam",
-    "sgd": "torch.optim.SGD",
-}
-
-
 @cli.command()
 @click.option("--arch", type=click.Choice(_TEACHERS), default="t1", show_default=True,
               help="t1 multi-task U-Net, t2 multi-task TransUNet, unet single-task baseline.")  # fmt: skip
@@ -240,26 +233,10 @@ def teacher(arch, lambda_rec, **kwargs):
     _run_training("teacher", arch, overrides=overrides, **kwargs)
 
 
-def student_options(func):
-    """Options shared by `mkd student` and `mkd distill`: the same student, data and optimiser settings."""
-    options = [
-        click.option("--arch", type=click.Choice(_STUDENTS), default="s1", show_default=True,
-                     help="Student network."),
-        click.option("--data-fraction", type=click.Choice(["0.5", "1.0"]), default="0.5", show_default=True,
-                     help="0.5: the student subset (half the training patients); 1.0: all training patients."),
-        click.option("--optimizer", type=click.Choice(sorted(_OPTIMIZERS)), default="rmsprop", show_default=True,
-                     help="Keep baseline and distillation runs on the same optimiser for a fair comparison."),
-        click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2, as the thesis's students)."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def _student_overrides(data_fraction: str, optimizer: str, lr: float | None) -> dict:
     overrides: dict = {
         "train_split": "student" if data_fraction == "0.5" else "training",
-        "optimizer#_target_": _OPTIMIZERS[optimizer],
+        "optimizer#_target_": OPTIMIZERS[optimizer],
     }
     if lr is not None:
         overrides["learning_rate"] = lr

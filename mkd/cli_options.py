@@ -40,7 +40,9 @@ __all__ = [
     "output_option",
     "overwrite_option",
     "seed_option",
+    "student_options",
     "training_options",
+    "OPTIMIZERS",
 ]
 
 #: library parameter -> the flag that sets it. A message writes `name` (-> the flag), `name=True`
@@ -97,7 +99,7 @@ _PARAMETER = re.compile(r"`([a-z_]+)(=[^`]*)?`")
 def as_flags(text: str) -> str:
     """``text`` with each backticked library parameter of :data:`PARAMETER_FLAGS` written as its flag.
 
-    Other backticked text (```mkd prepare```) and unknown names stay as they are.
+    Other backticked text (`` `mkd prepare` ``) and unknown names stay as they are.
 
     Example:
         >>> as_flags("m.nii.gz: output already exists; pass `overwrite=True` to replace it")
@@ -281,6 +283,33 @@ def training_options(func):
         device_option(),
         allow_expressions_option,
         seed_option,
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+#: ``--optimizer`` choices -> the bundle's ``optimizer#_target_``
+OPTIMIZERS = {
+    "rmsprop": "torch.optim.RMSprop",
+    "adamw": "torch.optim.AdamW",
+    "adam": "torch.optim.Adam",
+    "sgd": "torch.optim.SGD",
+}
+
+_STUDENTS = Names("mkd.networks.registry", "STUDENTS")
+
+
+def student_options(func):
+    """Options shared by `mkd student` and `mkd distill`: the same student, data and optimiser settings."""
+    options = [
+        click.option("--arch", type=click.Choice(_STUDENTS), default="s1", show_default=True,
+                     help="Student network."),
+        click.option("--data-fraction", type=click.Choice(["0.5", "1.0"]), default="0.5", show_default=True,
+                     help="0.5: the student subset (half the training patients); 1.0: all training patients."),
+        click.option("--optimizer", type=click.Choice(sorted(OPTIMIZERS)), default="rmsprop", show_default=True,
+                     help="Keep baseline and distillation runs on the same optimiser for a fair comparison."),
+        click.option("--lr", type=float, default=None, help="Learning rate (default 1e-2, as the thesis's students)."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)

@@ -77,6 +77,19 @@ def test_a_python_caller_reads_the_parameter_and_a_cli_user_the_flag(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_an_existing_demo_folder_names_overwrite_in_each_voice(tmp_path):
+    from mkd.demo import run_demo
+
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(MkdError) as err:
+        run_demo(tmp_path / "demo")
+    assert str(err.value) == f"{tmp_path / 'demo'}: demo folder exists; pass `overwrite=True` to replace it"
+    res = _invoke("demo", "--out", tmp_path / "demo")
+    assert res.exit_code == 1 and res.output.strip() == (
+        f"Error: {tmp_path / 'demo'}: demo folder exists; pass --overwrite to replace it"
+    )
+
+
 def test_a_malformed_set_names_set_and_a_python_caller_reads_overrides(tmp_path):
     from mkd.bundle import parse_overrides
 
