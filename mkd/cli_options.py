@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: library parameter -> the flag that sets it. A message writes `name` (-> the flag), `name=True`
-#: (-> the switch) or `name=VALUE` (-> the flag and VALUE).
+#: (-> the switch), `name=False` (-> its --no- form) or `name=VALUE` (-> the flag and VALUE).
 PARAMETER_FLAGS: dict[str, str] = {
     # switches
     "overwrite": "--overwrite",
@@ -55,6 +55,8 @@ PARAMETER_FLAGS: dict[str, str] = {
     "download": "--download",
     "allow_expressions": "--allow-expressions",
     "allow_student_teacher": "--allow-student-teacher",
+    "figures": "--figures",
+    "qualitative": "--qualitative",
     # files and folders
     "data_dir": "--data",
     "dataset_dir": "--data",
@@ -113,6 +115,8 @@ def as_flags(text: str) -> str:
         if name not in PARAMETER_FLAGS:
             return match.group(0)
         option = PARAMETER_FLAGS[name]
+        if value == "=False":
+            return "--no-" + option[2:]
         return option if value in (None, "=True") else f"{option} {value[1:]}"
 
     return _PARAMETER.sub(flag, text)

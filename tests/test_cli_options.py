@@ -27,6 +27,7 @@ def _invoke(*args):
         ("(add `kinds=teacher`)", "(add --kind teacher)"),
         ("`overrides` epochs=\"abc\": epochs is an integer", "--set epochs=\"abc\": epochs is an integer"),
         ("give `preview` another name", "give --preview/--png another name"),
+        ("panels skipped (`qualitative=False`)", "panels skipped (--no-qualitative)"),
     ],
 )  # fmt: skip
 def test_as_flags_names_each_backticked_parameter_by_its_flag(library, cli_text):
