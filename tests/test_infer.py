@@ -81,9 +81,10 @@ def test_the_inference_package_keeps_its_public_names():
     assert sorted(mkd.inference.__all__) == sorted(
         ["BACKENDS", "FolderResult", "InferenceResult", "InferenceSettings", "NIFTI_SUFFIXES", "OnnxRuntimeBackend",
          "Preprocessed", "Segmenter", "SlicePrediction", "TorchBackend", "Volume", "calibration_slices",
-         "check_folder_job", "check_logits", "default_threads", "find_volumes", "invert", "is_volume_folder",
-         "keep_largest_component", "load_volume", "mask_bytes", "onnxruntime_available", "predict_slices",
-         "preprocess", "resolve_backend", "resolve_settings", "save_mask"]
+         "check_folder_job", "check_logits", "check_mask_output", "check_mask_replaceable", "check_preview_path",
+         "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component", "load_volume",
+         "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend", "resolve_settings",
+         "save_mask"]
     )  # fmt: skip
     assert all(hasattr(mkd.inference, name) for name in mkd.inference.__all__)
     assert mkd.inference.Segmenter.__module__ == "mkd.inference.predictor"
