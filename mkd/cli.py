@@ -570,9 +570,14 @@ def ablate(grid, runs_dir, data_dir, profile, jobs, only, kinds, print_commands,
 @device_option("cpu", "Device for the qualitative panels.")
 @click.option("--grid", "grid_file", type=click.Path(dir_okay=False), default=None,
               help="Report only the runs of this grid (a runs folder shared by several grids).")  # fmt: skip
+@click.option("--evaluation", default="test", show_default=True, metavar="NAME",
+              help="Report each run's RUN/eval/NAME/ instead of its own test split, e.g. an external test set "
+                   "written by `mkd evaluate CKPT --data OTHER --output RUN/eval/NAME`.")  # fmt: skip
 @seed_option
 @_user_errors
-def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitative, device, seed, grid_file):
+def report(
+    runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitative, device, seed, grid_file, evaluation
+):
     """Thesis-style tables, paired tests and figures of the finished runs in RUNS_DIR.
 
     Rows = method; pooled IoU / Dice / recall / precision, mean ± std over seeds and
@@ -589,7 +594,8 @@ def report(runs_dir, output_dir, baseline, data_dir, n_slices, figures, qualitat
         # the report reads run ids only and runs none of the settings: a grid run with --allow-expressions is fine
         only = [r.id for r in load_grid(grid_file, allow_expressions=True).runs]
     result = build_report(runs_dir, output_dir, baseline=baseline, figures=figures, qualitative=qualitative,
-                          n_slices=n_slices, data_dir=data_dir, device=device, seed=seed, only=only)  # fmt: skip
+                          n_slices=n_slices, data_dir=data_dir, device=device, seed=seed, only=only,
+                          evaluation=evaluation)  # fmt: skip
     click.echo(result.markdown)
     for note in result.notes:
         click.echo(f"note: {note}")

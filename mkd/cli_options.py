@@ -85,6 +85,7 @@ PARAMETER_FLAGS: dict[str, str] = {
     "only": "--only",
     "kinds": "--kind",
     "baseline": "--baseline",
+    "evaluation": "--evaluation",
     "spacing": "--spacing",
     "channels": "--channels",
     "keep": "--keep",
