@@ -42,6 +42,9 @@ __all__ = [
     "RunSpec",
     "Grid",
     "AblationResult",
+    "AblationPlan",
+    "plan_ablation",
+    "select_runs",
     "load_grid",
     "expand_grid",
     "is_done",
@@ -75,6 +78,12 @@ PROFILES = BUNDLE_PROFILES
 GRID_MAX_BYTES = 1 << 20
 #: more runs than this in one grid is most likely a typo in ``seeds``; ``mkd ablate`` warns
 MANY_RUNS = 1000
+#: the comment above each stage of :meth:`AblationPlan.commands`
+_STAGES = {
+    "teacher": "stage 1: teachers",
+    "student": "stage 1: student baselines (independent)",
+    "distill": "stage 2: distillation runs (each needs its teacher from stage 1)",
+}
 
 _TOP_KEYS = {
     "profile", "data", "seeds", "teacher_seed", "data_fractions", "settings", "teachers", "students",
@@ -642,8 +651,8 @@ def _check_identity(spec: RunSpec, run_dir: Path) -> None:
     diff = _identity_diff(old, spec)
     if diff:
         details = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} in the grid" for k in diff)
-        raise MkdError(f"{run_dir}: a finished run with other settings ({details}); use another --runs folder "
-                       "or delete that run folder")  # fmt: skip
+        raise MkdError(f"{run_dir}: a finished run with other settings ({details}); use another runs folder "
+                       "(`runs_dir`) or delete that run folder")  # fmt: skip
 
 
 def run_status(grid: Grid, runs_dir: str | os.PathLike) -> dict[str, str]:
@@ -748,7 +757,7 @@ def execute_run(
         return "done"
     if spec.depends_on and not is_done(runs_dir / spec.depends_on):
         raise MkdError(f"run {spec.id} needs teacher run {spec.depends_on}, which is not done; run it first "
-                       f"(mkd ablate ... --only {spec.depends_on})")  # fmt: skip
+                       f"(`only={spec.depends_on}`)")  # fmt: skip
     runs_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(runs_dir, spec.id):
         if is_done(run_dir):  # another process finished it between the check above and the lock
@@ -778,7 +787,7 @@ def _train_and_evaluate(spec: RunSpec, runs_dir: Path, run_dir: Path, data_dir, 
             from mkd.ownership import RUN_COMMANDS, check_replaceable, legacy_run
 
             # a folder of this name that no run wrote (a user's files) is reported, not deleted
-            check_replaceable(run_dir, RUN_COMMANDS, option="--runs", keep={"dataset": data_dir}, legacy=legacy_run,
+            check_replaceable(run_dir, RUN_COMMANDS, option="`runs_dir`", keep={"dataset": data_dir}, legacy=legacy_run,
                               by="mkd ablate")  # fmt: skip
             logger.info("%s: removing a half-finished run folder and starting over", spec.id)
             shutil.rmtree(run_dir)
@@ -842,6 +851,9 @@ class AblationResult:
         blocked: runs not started because their teacher failed or is running elsewhere.
         pending: runs that were not done when the call started.
         elsewhere: runs skipped because another process (a parallel ``mkd ablate``) holds their lock.
+        seconds: wall time of the call.
+        runs_dir: the runs folder, as given.
+        only: the run ids asked for (empty: the whole grid or ``kinds``).
     """
 
     planned: list[str] = field(default_factory=list)
@@ -852,13 +864,134 @@ class AblationResult:
     pending: list[str] = field(default_factory=list)
     elsewhere: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    runs_dir: Path | None = None
+    only: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The summary: the counts, then what to do next (nothing more after a failure: see :meth:`failure_lines`)."""
+        elsewhere = f", {len(self.elsewhere)} running elsewhere" if self.elsewhere else ""
+        counts = f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.failed)} failed, {len(self.blocked)}"
+        out = [f"ablate: {counts} blocked{elsewhere} ({self.seconds:.0f} s); runs folder {self.runs_dir}"]
+        if self.failed:
+            return out
+        if self.elsewhere:
+            out.append(f"{len(self.elsewhere)} run(s) are being trained by another process; run the same command "
+                       "again once they are done")  # fmt: skip
+        elif not self.only:
+            out.append(f"next: mkd report {self.runs_dir}")
+        return out
+
+    def failure_lines(self) -> list[str]:
+        """One indented line per failed run: ``  failed: ID: error``."""
+        return [f"  failed: {run_id}: {err}" for run_id, err in self.failed.items()]
 
 
-def _select(grid: Grid, only: Sequence[str] = (), kinds: Sequence[str] | None = None) -> list[RunSpec]:
+def select_runs(grid: Grid, only: Sequence[str] = (), kinds: Sequence[str] | None = None) -> list[RunSpec]:
+    """The runs of ``grid`` with an id in ``only`` and a kind in ``kinds`` (empty: all), in dependency order.
+
+    Raises:
+        MkdError: an id of ``only`` is not in the grid (the message gives a few of its ids).
+    """
     for run_id in only:
         grid[run_id]  # raises for an unknown id
-    chosen = [r for r in grid.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
-    return chosen
+    return [r for r in grid.runs if (not only or r.id in only) and (not kinds or r.kind in kinds)]
+
+
+@dataclass
+class AblationPlan:
+    """The selected runs of a grid and their state in a runs folder: what ``mkd ablate`` would do.
+
+    Made by :func:`plan_ablation`; :meth:`lines` is the listing of ``--dry-run``, :meth:`commands` the
+    per-run commands of ``--print-commands``.
+
+    Attributes:
+        grid: the expanded grid.
+        runs_dir: the runs folder.
+        selected: the runs asked for (:func:`select_runs`), in dependency order.
+        status: ``{run id: state}`` of every run of the grid (:func:`run_status`).
+        name: the grid as the user named it, for the messages (default: its file).
+    """
+
+    grid: Grid
+    runs_dir: Path
+    selected: list[RunSpec]
+    status: dict[str, str]
+    name: str = ""
+
+    @property
+    def pending(self) -> list[RunSpec]:
+        """The selected runs that are not done."""
+        return [r for r in self.selected if self.status[r.id] != "done"]
+
+    def warnings(self) -> list[str]:
+        """``warning: ...`` lines about the grid itself (more than :data:`MANY_RUNS` runs: a typo in ``seeds``?)."""
+        if len(self.grid.runs) <= MANY_RUNS:
+            return []
+        return [f"warning: {self.name} expands to {len(self.grid.runs)} runs ({len(self.grid.seeds)} seeds); check "
+                "'seeds' before running it"]  # fmt: skip
+
+    def lines(self) -> list[str]:
+        """The grid's counts, one line per selected run (state, id, method) and the done / pending counts."""
+        counts = self.grid.count()
+        out = [f"grid {self.name}: profile {self.grid.profile}, seeds {self.grid.seeds}, {counts['teacher']} teachers, "
+               f"{counts['student']} student baselines, {counts['distill']} distillation runs"]  # fmt: skip
+        width = max([len(r.id) for r in self.selected] + [6])
+        out += [f"{self.status[r.id]:8} {r.id:{width}}  {r.method}" for r in self.selected]
+        pending = len(self.pending)
+        out.append(f"{len(self.selected)} runs: {len(self.selected) - pending} done, {pending} pending (runs folder "
+                   f"{self.runs_dir})")  # fmt: skip
+        return out
+
+    def data_warning(self, data_dir: str | os.PathLike) -> str | None:
+        """``warning: a real run would stop here: ...`` when runs are pending and ``data_dir`` is no dataset."""
+        if not self.pending:
+            return None
+        from mkd.bundle import check_datalist
+
+        try:
+            check_datalist(data_dir, ["training", "validation", "test"])
+        except MkdError as err:
+            return f"warning: a real run would stop here: {err}"
+        return None
+
+    def commands(self, data_dir: str | os.PathLike, device: str | None = None, resume: bool = False) -> list[str]:
+        """One shell command per pending run (:func:`run_command`), by stage; ``# ...`` lines head each stage.
+
+        The ``#`` lines are comments for the person reading them (``mkd ablate`` writes them to stderr,
+        so that stdout is only commands); the last one says what to run when all are done.
+        """
+        out = []
+        for kind, note in _STAGES.items():
+            block = [r for r in self.pending if r.kind == kind]
+            if block:
+                out.append(f"# {note}: {len(block)} commands")
+                out += format_commands(run_command(self.grid, r.id, self.runs_dir, data_dir, device, resume)
+                                       for r in block)  # fmt: skip
+        out.append(f"# {len(self.pending)} pending runs; then: mkd report {self.runs_dir}")
+        return out
+
+
+def plan_ablation(
+    grid: Grid,
+    runs_dir: str | os.PathLike,
+    only: Sequence[str] = (),
+    kinds: Sequence[str] | None = None,
+    name: str | None = None,
+) -> AblationPlan:
+    """Select the runs (:func:`select_runs`), check their settings against the bundles (:func:`validate_grid`),
+    and read their state in ``runs_dir``; nothing runs.
+
+    Example:
+        >>> plan = plan_ablation(load_grid("grids/smoke.yaml"), "runs_smoke")  # doctest: +SKIP
+        >>> print("\n".join(plan.lines()))  # doctest: +SKIP
+
+    Raises:
+        MkdError: an unknown id in ``only``, an unknown setting or one of the wrong type.
+    """
+    selected = select_runs(grid, only, kinds)
+    validate_grid(grid, selected)  # unknown settings keys and wrong types, as a real run would find them
+    runs_dir = Path(runs_dir)
+    return AblationPlan(grid, runs_dir, selected, run_status(grid, runs_dir), name or str(grid.path))
 
 
 def run_ablation(
@@ -897,11 +1030,11 @@ def run_ablation(
     """
     say = progress or logger.info
     if jobs < 1:
-        raise MkdError(f"--jobs must be >= 1, got {jobs}")
-    runs_dir = Path(runs_dir).resolve()
-    selected = _select(grid, only, kinds)
+        raise MkdError(f"`jobs` must be >= 1, got {jobs}")
+    given, runs_dir = Path(runs_dir), Path(runs_dir).resolve()
+    selected = select_runs(grid, only, kinds)
     t0 = time.perf_counter()
-    result = AblationResult(planned=[r.id for r in selected])
+    result = AblationResult(planned=[r.id for r in selected], runs_dir=given, only=list(only))
     pending: list[RunSpec] = []
     for r in selected:
         if is_done(runs_dir / r.id):
@@ -914,12 +1047,12 @@ def run_ablation(
         for r in pending:
             if r.depends_on and r.depends_on not in result.pending and not is_done(runs_dir / r.depends_on):
                 raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done; run it first "
-                               f"(--only {r.depends_on})")  # fmt: skip
+                               f"(`only={r.depends_on}`)")  # fmt: skip
     elif kinds:
         for r in pending:
             if r.depends_on and not is_done(runs_dir / r.depends_on) and r.depends_on not in result.pending:
                 raise MkdError(f"run {r.id} needs teacher run {r.depends_on}, which is not done and not selected "
-                               "(add --kind teacher)")  # fmt: skip
+                               "(add `kinds=teacher`)")  # fmt: skip
     say(f"{len(selected)} runs: {len(result.done)} done, {len(pending)} pending")
     if not pending:
         result.seconds = round(time.perf_counter() - t0, 1)

@@ -42,6 +42,8 @@ __all__ = [
     "resume_point",
     "check_datalist",
     "parse_overrides",
+    "summary_lines",
+    "resume_lines",
     "check_setting_values",
     "is_expression",
     "check_setting_type",
@@ -148,7 +150,8 @@ def bundle_configs(name: str, profile: str | None = "cpu", extra: Sequence[str] 
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` strings (``--set``); VALUE is read as JSON when it parses, else kept as a string.
+    """Parse ``KEY=VALUE`` strings (``--set``) into ``overrides``; VALUE is read as JSON when it parses, else kept
+    as a string.
 
     Example:
         >>> parse_overrides(["train#epochs=3", "arch=s2", "image_size=[64, 64]"])
@@ -158,7 +161,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise MkdError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=3")
+            raise MkdError(f"`overrides` {pair!r}: expected KEY=VALUE, e.g. `overrides` epochs=3")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -237,7 +240,10 @@ def check_setting_values(settings: Mapping[str, Any], where: str = "setting") ->
 
 
 def compose_config(
-    files: Sequence[os.PathLike], overrides: Mapping[str, Any] | None = None, strict: bool = True, label: str = "--set"
+    files: Sequence[os.PathLike],
+    overrides: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    label: str = "`overrides`",
 ):
     """Merge config files and apply overrides into a :class:`monai.bundle.ConfigParser`.
 
@@ -246,7 +252,8 @@ def compose_config(
         overrides: ``{id: value}`` with MONAI ids (``"train#trainer#max_epochs"``).
         strict: an override whose id is not in the merged config is an error
             (this catches typos such as ``epochz=3``).
-        label: what the overrides are called in a message (``"--set"``, a grid's ``"settings.all"``).
+        label: what the overrides are called in a message: the parameter `` "`overrides`" `` (the CLI says
+            ``--set``), a grid's ``"settings.all"``.
 
     Raises:
         MkdError: an unknown key when ``strict``.
@@ -290,14 +297,15 @@ def _kind(value: Any) -> str | None:
 NULLABLE = frozenset({"epoch_splits"})
 
 
-def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the", label: str = "--set") -> None:
-    """Refuse an override whose type differs from the bundle's setting (``--set epochs=abc``).
+def check_setting_type(key: str, value: Any, current: Any, bundle: str = "the", label: str = "`overrides`") -> None:
+    """Refuse an override whose type differs from the bundle's setting (``overrides={"epochs": "abc"}``).
 
     An integer is accepted for a number; a setting that is ``null`` or computed (``"$..."``,
     ``"@..."``), and a value that is itself an expression or reference, are not checked.
 
     Raises:
-        MkdError: e.g. ``--set epochs="abc": epochs is an integer in the student bundle (25), got a string``.
+        MkdError: e.g. `` `overrides` epochs="abc": epochs is an integer in the student bundle (25), got a
+            string``.
     """
     computed = lambda v: isinstance(v, str) and v[:1] in ("$", "@", "%")  # noqa: E731
     if current is None or computed(current) or computed(value) or (value is None and key in NULLABLE):
@@ -334,6 +342,19 @@ def resume_point(ckpt_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
     return (None if last is None else str(last)), newer_bad
 
 
+def resume_lines(ckpt_dir: str | os.PathLike, epochs: Any = "?") -> list[str]:
+    """What a run resumed from ``ckpt_dir`` says first: the truncated checkpoints passed over, its start epoch.
+
+    Empty when there is no complete checkpoint (:func:`run_bundle` then says why it cannot resume).
+    """
+    ckpt, truncated = resume_point(ckpt_dir)
+    if ckpt is None:
+        return []
+    lines = [f"{bad}: truncated (was the run killed while writing it?); skipped" for bad in truncated]
+    done = int(Path(ckpt).stem.split("=")[1])
+    return [*lines, f"resuming from {ckpt} (epoch {done} of {epochs})"]
+
+
 def last_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     """The newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (the resume point), or ``None``."""
     return resume_point(ckpt_dir)[0]
@@ -348,7 +369,7 @@ def check_datalist(dataset_dir: str | os.PathLike, splits: Sequence[str]) -> Non
     """
     path = Path(dataset_dir) / "datalist.json"
     if not path.is_file():
-        raise InputError(path, "datalist not found; run `mkd prepare` first (or pass --data)")
+        raise InputError(path, "datalist not found; run `mkd prepare` first (or pass `data_dir`)")
     try:
         datalist = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -422,9 +443,9 @@ def run_bundle(
     output_dir = Path(output_dir).resolve()
     dataset_dir = Path(dataset_dir).resolve()
     if nproc < 1:
-        raise MkdError(f"--nproc must be >= 1, got {nproc}")
+        raise MkdError(f"`nproc` must be >= 1, got {nproc}")
     if overwrite and resume:
-        raise MkdError("--overwrite and --resume exclude each other")
+        raise MkdError("`overwrite=True` and `resume=True` exclude each other")
     if overwrite:  # replace only a training run (or an empty folder), never the data or the current folder
         check_replaceable(output_dir, RUN_COMMANDS, keep={"dataset": dataset_dir}, legacy=legacy_run)
     extra = list(extra_configs) + (["multi_gpu_train"] if nproc > 1 else [])
@@ -487,15 +508,17 @@ def _run_locked(name, parser, files, output_dir: Path, dataset_dir: Path, ckpt_d
         if last is None and truncated:
             raise InputError(
                 truncated[-1], "truncated or not a checkpoint (was the run killed while writing it?) and no earlier "
-                "complete checkpoint_epoch=N.pt to resume from; start the run again with --overwrite"
+                "complete checkpoint_epoch=N.pt to resume from; start the run again with `overwrite=True`"
             )  # fmt: skip
         if last is None:
-            raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without --resume")
+            raise MkdError(f"{ckpt_dir}: nothing to resume (no checkpoint_epoch=N.pt); run without `resume=True`")
         for bad in truncated:
             logger.info("%s: truncated (was the run killed while writing it?); resuming from %s", bad, last)
         _check_resume(last, parser, output_dir)
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise MkdError(f"{output_dir}: holds an earlier run; pass --resume to continue it or --overwrite to replace it")
+        raise MkdError(
+            f"{output_dir}: holds an earlier run; pass `resume=True` to continue it or `overwrite=True` to replace it"
+        )
 
     config_file = output_dir / "config.json"
     meta_file = output_dir / "metadata.json"
@@ -543,6 +566,21 @@ def _run_in_process(parser) -> None:
             parser.get_parsed_content("finalize", lazy=True)
 
 
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """What a finished run says: the best epoch and its validation metrics, the checkpoint and the time.
+
+    Args:
+        summary: what :func:`run_bundle` returned.
+    """
+    keys = [k for k in summary if k.startswith("best_val_")]
+    lines = []
+    if keys:
+        metrics = ", ".join(f"{k[len('best_') :]}={summary[k]:.4f}" for k in keys)
+        lines.append(f"best epoch {summary.get('best_epoch')}/{summary.get('epochs')}: {metrics}")
+    lines.append(f"checkpoint: {summary['checkpoint']}  ({summary.get('seconds', 0):.0f} s)")
+    return lines
+
+
 def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``metrics.csv`` of a finished run: best :data:`KEY_METRIC`, its epoch, number of epochs."""
     import pandas as pd
@@ -588,7 +626,7 @@ def _check_before_training(parser, output_dir: Path, ckpt_dir: Path) -> None:
     if not ok:
         raise MkdError(
             f"image_size={json.dumps(size)}: must be two integers [H, W] from {low} to 4096 for {arch!r} (it "
-            f"downsamples by {low}; other sizes are padded); e.g. --set image_size=[96,96]"
+            f"downsamples by {low}; other sizes are padded); e.g. `overrides` image_size=[96,96]"
         )
     check_writable(output_dir, "run")
     check_writable(ckpt_dir, "checkpoints")
@@ -612,8 +650,8 @@ def _check_resume(last: str, parser, output_dir: Path) -> None:
     name = had.get("name")
     if name and name != arch:
         raise MkdError(
-            f"{last}: the run in {output_dir} trains {name!r}, not {arch!r}; resume it with --arch {name}, or "
-            f"start a new {arch} run with --overwrite (or another --output)"
+            f"{last}: the run in {output_dir} trains {name!r}, not {arch!r}; resume it with `arch={name}`, or "
+            f"start a new {arch} run with `overwrite=True` (or another `output_dir`)"
         )
     kwargs = had.get("kwargs")
     if name and isinstance(kwargs, Mapping):
@@ -621,5 +659,5 @@ def _check_resume(last: str, parser, output_dir: Path) -> None:
         if dict(kwargs) != wanted:
             raise MkdError(
                 f"{last}: the run in {output_dir} trains {name!r} with {dict(kwargs)}, this one asks for {wanted}; "
-                "resume it with the same network settings (network_preset, network_kwargs), or use --overwrite"
+                "resume it with the same network settings (network_preset, network_kwargs), or use `overwrite=True`"
             )

@@ -19,7 +19,7 @@ from typing import Any
 from mkd.errors import MkdError
 from mkd.utils import write_json
 
-__all__ = ["DEMO_GRID", "run_demo"]
+__all__ = ["DEMO_GRID", "run_demo", "demo_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ def run_demo(
     out = Path(out).resolve()
     if out.exists():
         if not overwrite:
-            raise MkdError(f"{out}: demo folder exists; pass --overwrite to replace it")
+            raise MkdError(f"{out}: demo folder exists; pass `overwrite=True` to replace it")
         # only a folder the demo wrote (or an empty one): never a folder of the user's files
-        check_replaceable(out, ("demo",), option="--out", legacy=lambda p: (p / "demo.json").is_file())
+        check_replaceable(out, ("demo",), option="`out`", legacy=lambda p: (p / "demo.json").is_file())
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     mark_owner(out, "demo")
@@ -125,3 +125,22 @@ def run_demo(
     seconds = round(time.perf_counter() - t_start, 1)
     write_json(out / "demo.json", {"seconds": seconds, "steps": steps, "seed": seed, "grid": grid_config})
     return {"report": report, "seconds": seconds, "steps": steps, "runs": str(runs)}
+
+
+def demo_lines(result: dict[str, Any]) -> list[str]:
+    """What ``mkd demo`` says at the end: the pooled and per-volume tables, the files, the time per step.
+
+    Args:
+        result: what :func:`run_demo` returned.
+    """
+    report = result["report"]
+    lines = ["", "Pooled test metrics (as the thesis):", report["markdown"]]
+    volume_md = report.files.get("volume.md")
+    if volume_md is not None and volume_md.is_file():
+        lines += ["Per-volume test metrics (MSD convention, HD95 in mm):", volume_md.read_text()]
+    lines.append("")
+    lines += [f"figure: {path}" for path in report.get("figures", [])]
+    lines += [f"table:  {path}" for path in report.get("tables", [])]
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in result["steps"].items())
+    lines.append(f"demo finished in {result['seconds']:.0f} s ({steps})")
+    return lines

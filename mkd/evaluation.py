@@ -2,10 +2,12 @@
 
 This is what ``mkd evaluate`` runs. The model sees the slices exactly as in
 training (the bundles' preprocessing: stored slice -> resize to the
-checkpoint's ``image_size``); predictions are ``sigmoid > 0.5``. Per-volume
-metrics restack each patient's slices by their axial index ``z`` (the MSD
-convention) and HD95 is in millimetres, using the voxel size of the prepared
-volume after the in-plane resize.
+checkpoint's ``image_size``); predictions are ``sigmoid > 0.5`` of
+:func:`mkd.inference.predict_slices` (the prediction of ``mkd infer`` and of
+the report's panels too), one call per loader batch. Per-volume metrics
+restack each patient's slices by their axial index ``z`` (the MSD convention)
+and HD95 is in millimetres, using the voxel size of the prepared volume after
+the in-plane resize.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def evaluate_checkpoint(
 
     from mkd.bundle import check_datalist
     from mkd.data import load_prepare_info, load_split
-    from mkd.inference import check_logits
+    from mkd.inference.predictor import predict_slices
     from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
-    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
+    from mkd.networks import CheckpointRecord, load_network
     from mkd.utils import resolve_device
 
     t0 = time.perf_counter()
@@ -104,7 +106,6 @@ def evaluate_checkpoint(
         spacing[pid] = (float(sz), *spacing_after_resize((sx, sy), (nx, ny), size))
 
     reconstruct = runner is None and "recon" in getattr(model, "feature_scales", {})
-    recorder = FeatureRecorder(model, ["recon"], detach=True) if reconstruct else None
     # single-organ networks: per-volume metrics also after the largest-connected-component filter (mkd infer's default)
     seg = SegmentationAccumulator(spacing=spacing, lcc=int(getattr(model, "out_channels", 1)) == 1)
     psnr = PSNRAccumulator(data_range=1.0) if reconstruct else None
@@ -113,20 +114,15 @@ def evaluate_checkpoint(
         from tqdm import tqdm
 
         loader = tqdm(loader, desc=f"evaluate {split}", leave=False)
-    with torch.no_grad():
-        for batch in loader:
-            images = batch["image"].to(device)
-            if recorder is not None:
-                with recorder.recording():
-                    logits = model(images)
-                psnr.update(recorder.features["recon"].float().clamp(0, 1), images)
-            else:
-                logits = model(images) if runner is None else runner(images.cpu())
-            check_logits(logits.float(), checkpoint, f"{split} slices of {', '.join(sorted(set(batch['patient'])))}")
-            prob = torch.sigmoid(logits.float()).cpu()
-            seg.update(prob, batch["label"], list(batch["patient"]), [int(z) for z in batch["z"]])
-    if recorder is not None:
-        recorder.close()
+    net, on = (model, device) if runner is None else (runner, "cpu")  # a runner takes CPU tensors
+    for batch in loader:
+        where = f"{split} slices of {', '.join(sorted(set(batch['patient'])))}"
+        out = predict_slices(
+            net, batch["image"], None, len(batch["image"]), on, checkpoint, where=where, recon=reconstruct
+        )
+        if psnr is not None:
+            psnr.update(out.recon, batch["image"])
+        seg.update(out.probs, batch["label"], list(batch["patient"]), [int(z) for z in batch["z"]])
     result = seg.compute()
     summary = {
         "checkpoint": str(Path(checkpoint).resolve()),

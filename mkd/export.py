@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mkd.errors import InputError, MkdError, first_line
+from mkd.errors import InputError, MkdError, first_line, output_exists
 from mkd.networks.checkpoint import CheckpointRecord
 from mkd.utils import atomic_path
 
@@ -329,10 +329,10 @@ def export_checkpoint(
     if output.resolve() == checkpoint.resolve():
         raise InputError(output, "output would overwrite the checkpoint")
     if output.exists() and not overwrite:
-        raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
+        raise output_exists(output)
     if output.exists() and not _is_export(output):
-        raise InputError(output, "not a TorchScript or ONNX export (a checkpoint or another file?); --overwrite "
-                         "replaces only an export: give --output another name")  # fmt: skip
+        raise InputError(output, "not a TorchScript or ONNX export (a checkpoint or another file?); "
+                         "`overwrite=True` replaces only an export: give `output` another name")  # fmt: skip
     metadata = checkpoint_metadata(checkpoint, record, model, fmt, input_size)
     try:
         result = export_model(model, fmt, output, input_size, metadata, check=check, atol=atol)
@@ -474,7 +474,7 @@ def cached_onnx(
                 raise MkdError(
                     f"{checkpoint.parent} and {cache}: neither folder is writable, so the ONNX graph of "
                     f"{checkpoint.name} cannot be cached; set XDG_CACHE_HOME to a writable folder, or pass "
-                    "--backend torch"
+                    "`backend=torch`"
                 ) from None
     if path.exists() and not rebuild:
         problem = _cache_problem(path, key)

@@ -72,10 +72,10 @@ def is_within(path: Path, folder: Path) -> bool:
 def check_replaceable(
     folder: str | os.PathLike,
     commands: Collection[str],
-    option: str = "--output",
+    option: str = "`output_dir`",
     keep: Mapping[str, str | os.PathLike | None] | None = None,
     legacy: Callable[[Path], bool] | None = None,
-    by: str = "--overwrite",
+    by: str = "`overwrite=True`",
 ) -> None:
     """Refuse to replace ``folder`` unless it is missing, empty, or was written by one of ``commands``.
 
@@ -86,11 +86,11 @@ def check_replaceable(
     Args:
         folder: the folder that ``--overwrite`` would replace.
         commands: the commands whose marker makes ``folder`` replaceable (``("demo",)``).
-        option: the option that named ``folder``, for the message.
+        option: the parameter that named ``folder``, in backticks for the message (:class:`mkd.errors.MkdError`).
         keep: folders the command must not delete, by what they are.
         legacy: ``folder -> bool``: the folder was written by one of ``commands`` before
             markers existed (an unambiguous file of theirs).
-        by: what would replace it, for the message (``"--overwrite"``, ``"mkd report"``).
+        by: what would replace it, for the message (`` "`overwrite=True`" ``, ``"mkd report"``).
 
     Raises:
         MkdError: one line naming the folder, why it is kept and what to do.

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mkd.errors import MkdError
+from mkd.errors import MkdError, output_exists
 
 __all__ = [
     "atomic_dir",
@@ -69,7 +69,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise MkdError(f"{target}: output already exists; pass --overwrite to replace it")
+        raise output_exists(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -180,14 +180,14 @@ def resolve_device(device: str | None = None) -> torch.device:  # noqa: F821
         except (RuntimeError, ValueError):
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda"):
-            raise MkdError(f"--device {device}: unknown device; valid values: {DEVICE_CHOICES}")
+            raise MkdError(f"`device={device}`: unknown device; valid values: {DEVICE_CHOICES}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise MkdError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+            raise MkdError(f"`device={device}`: CUDA is not available on this machine; use `device=cpu` (or auto)")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise MkdError(
-                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                f"`device={device}`: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
                 f"valid values: {DEVICE_CHOICES}"
             )
     return dev

@@ -10,7 +10,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mkd.ablation import expand_grid, is_done, load_grid, run_ablation, run_status
+from mkd.ablation import (
+    AblationResult,
+    expand_grid,
+    is_done,
+    load_grid,
+    plan_ablation,
+    run_ablation,
+    run_status,
+    select_runs,
+)
 from mkd.cli import cli
 from mkd.errors import MkdError
 
@@ -279,6 +288,75 @@ def test_print_commands_dry_run_and_only(tmp_path):
     res = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert res.exit_code == 0 and "13 runs: 2 done, 11 pending" in res.output
     assert run_status(grid, runs)["distill-s1-t1-bn-contrastive-f0.5-transfer-seed0"] == "pending"
+
+
+def test_select_runs_by_id_and_kind_in_dependency_order():
+    grid = expand_grid(SMALL)
+    assert select_runs(grid) == grid.runs
+    assert [r.id for r in select_runs(grid, kinds=["teacher"])] == ["teacher-t1-seed0"]
+    only = ["distill-s1-t1-bn-contrastive-f0.5-transfer-seed1", "student-s2-f0.5-seed0", "teacher-t1-seed0"]
+    assert [r.id for r in select_runs(grid, only)] == ["teacher-t1-seed0", "student-s2-f0.5-seed0",
+                                                       "distill-s1-t1-bn-contrastive-f0.5-transfer-seed1"]  # fmt: skip
+    assert [r.id for r in select_runs(grid, only, kinds=["student", "distill"])] == [only[1], only[0]]
+    with pytest.raises(MkdError) as err:
+        select_runs(grid, ["nope"])
+    assert str(err.value) == ("no run 'nope' in the grid; it has 13 runs, e.g. teacher-t1-seed0, "
+                              "student-s1-f0.5-seed0, student-s1-f0.5-seed1")  # fmt: skip
+
+
+def test_plan_lines_and_commands_of_a_small_grid(tmp_path):
+    """What --dry-run and --print-commands print, made by the library (the CLI only echoes the lines)."""
+    grid = load_grid(_write_grid(tmp_path, SMALL))
+    runs = tmp_path / "runs"
+    _fake_done(runs / "teacher-t1-seed0")
+    _fake_done(runs / "student-s1-f0.5-seed0")
+    plan = plan_ablation(grid, runs, kinds=["teacher", "student"], name="grid.yaml")
+    assert plan.lines() == [
+        "grid grid.yaml: profile cpu, seeds [0, 1], 1 teachers, 4 student baselines, 8 distillation runs",
+        "done     teacher-t1-seed0       T1",
+        "done     student-s1-f0.5-seed0  S1",
+        "pending  student-s1-f0.5-seed1  S1",
+        "pending  student-s2-f0.5-seed0  S2",
+        "pending  student-s2-f0.5-seed1  S2",
+        f"5 runs: 2 done, 3 pending (runs folder {runs})",
+    ]
+    assert plan.warnings() == []
+    data = tmp_path / "data"
+    assert plan.data_warning(data) == (
+        f"warning: a real run would stop here: {data / 'datalist.json'}: datalist not found; run `mkd prepare` first "
+        "(or pass `data_dir`)"
+    )
+    commands = plan.commands(data, device="cpu")
+    assert commands[0] == "# stage 1: student baselines (independent): 3 commands"
+    assert commands[-1] == f"# 3 pending runs; then: mkd report {runs}"
+    assert [shlex.split(c)[shlex.split(c).index("--only") + 1] for c in commands[1:-1]] == [
+        "student-s1-f0.5-seed1", "student-s2-f0.5-seed0", "student-s2-f0.5-seed1"]  # fmt: skip
+    assert shlex.split(commands[1])[-2:] == ["--device", "cpu"]
+    every = plan_ablation(grid, runs).commands(data)
+    assert [c for c in every if c.startswith("#")] == [
+        "# stage 1: student baselines (independent): 3 commands",
+        "# stage 2: distillation runs (each needs its teacher from stage 1): 8 commands",
+        f"# 11 pending runs; then: mkd report {runs}",
+    ]
+    nothing = plan_ablation(grid, runs, only=["teacher-t1-seed0"])
+    assert nothing.data_warning(data) is None
+    assert nothing.lines()[-1] == f"1 runs: 1 done, 0 pending (runs folder {runs})"
+
+
+def test_ablation_result_lines():
+    result = AblationResult(ran=["a", "b"], done=["c"], seconds=12.4, runs_dir=Path("runs"))
+    assert result.lines() == ["ablate: 2 ran, 1 already done, 0 failed, 0 blocked (12 s); runs folder runs",
+                              "next: mkd report runs"]  # fmt: skip
+    result.only = ["a"]
+    assert result.lines()[1:] == []
+    result.elsewhere = ["d"]
+    assert result.lines() == [
+        "ablate: 2 ran, 1 already done, 0 failed, 0 blocked, 1 running elsewhere (12 s); runs folder runs",
+        "1 run(s) are being trained by another process; run the same command again once they are done",
+    ]
+    failed = AblationResult(failed={"e": "InputError: e: broken"}, blocked=["f"], runs_dir=Path("runs"))
+    assert failed.lines() == ["ablate: 0 ran, 0 already done, 1 failed, 1 blocked (0 s); runs folder runs"]
+    assert failed.failure_lines() == ["  failed: e: InputError: e: broken"]
 
 
 @pytest.mark.slow

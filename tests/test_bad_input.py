@@ -187,8 +187,8 @@ def test_checkpoint_image_size_beyond_4096_is_one_line(ct, tmp_path):
 
 def test_infer_refuses_a_spacing_that_makes_an_absurd_grid(s1_ckpt, ct, tmp_path):
     line = _one_error_line(_infer(s1_ckpt, ct, tmp_path / "mask.nii.gz", "--spacing", "1e-3,1e-3,0"))
-    assert line == (
-        f"Error: {ct}: spacing 0.001,0.001,0 would resample this 24x24x4 volume to 24000x24000x4 = 2.3e+09 voxels "
+    assert line == (  # the option, as mkd prepare says it (it said "spacing 0.001,..." here)
+        f"Error: {ct}: --spacing 0.001,0.001,0 would resample this 24x24x4 volume to 24000x24000x4 = 2.3e+09 voxels "
         "(limit 1e+09); give a voxel size in mm, e.g. 1,1,2, or 0 to keep an axis"
     )
 
@@ -318,11 +318,11 @@ def test_unwritable_run_folder_and_full_disk_stop_a_training_run_before_it_start
     ("bundle", "size", "message"),
     [
         ("student", [0, 0], "image_size=[0, 0]: must be two integers [H, W] from 4 to 4096 for 's1' (it downsamples "
-                            "by 4; other sizes are padded); e.g. --set image_size=[96,96]"),
+                            "by 4; other sizes are padded); e.g. `overrides` image_size=[96,96]"),
         ("teacher", [8, 8], "image_size=[8, 8]: must be two integers [H, W] from 16 to 4096 for 't1' (it downsamples "
-                            "by 16; other sizes are padded); e.g. --set image_size=[96,96]"),
+                            "by 16; other sizes are padded); e.g. `overrides` image_size=[96,96]"),
         ("student", [32], "image_size=[32]: must be two integers [H, W] from 4 to 4096 for 's1' (it downsamples by 4; "
-                          "other sizes are padded); e.g. --set image_size=[96,96]"),
+                          "other sizes are padded); e.g. `overrides` image_size=[96,96]"),
     ],
 )  # fmt: skip
 def test_image_size_is_checked_before_training(tiny_prepared, tmp_path, bundle, size, message):
@@ -342,14 +342,15 @@ def test_device_is_one_line_naming_the_option(tiny_prepared, s1_ckpt, ct, tmp_pa
 
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    expected = (
-        f"--device {device}: unknown device; valid values: auto, cpu, cuda or cuda:N"
-        if device == "banana"
-        else f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)"
-    )
+    if device == "banana":  # a Python caller reads its parameter, a CLI user the option
+        python = f"`device={device}`: unknown device; valid values: auto, cpu, cuda or cuda:N"
+        expected = f"--device {device}: unknown device; valid values: auto, cpu, cuda or cuda:N"
+    else:
+        python = f"`device={device}`: CUDA is not available on this machine; use `device=cpu` (or auto)"
+        expected = f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)"
     with pytest.raises(MkdError) as err:
         resolve_device(device)
-    assert str(err.value) == expected
+    assert str(err.value) == python
     r = _infer(s1_ckpt, ct, tmp_path / "mask.nii.gz", "--device", device)
     assert _one_error_line(r) == f"Error: {expected}"
     r = CliRunner().invoke(cli, ["evaluate", str(s1_ckpt), "--data", str(tiny_prepared), "--device", device])
@@ -389,12 +390,15 @@ def test_resume_with_another_arch_is_one_line(tiny_prepared, tmp_path):
     with pytest.raises(MkdError) as err:
         _resume(tiny_prepared, run, arch="s2")
     assert str(err.value) == (
-        f"{epoch}: the run in {run} trains 's1', not 's2'; resume it with --arch s1, or start a new s2 run with "
-        "--overwrite (or another --output)"
+        f"{epoch}: the run in {run} trains 's1', not 's2'; resume it with `arch=s1`, or start a new s2 run with "
+        "`overwrite=True` (or another `output_dir`)"
     )
     r = CliRunner().invoke(cli, ["student", "--arch", "s2", "--resume", "--data", str(tiny_prepared), "--output",
                                  str(run), "--set", "image_size=[32,32]"])  # fmt: skip
-    assert _one_error_line(r) == f"Error: {err.value}"
+    assert _one_error_line(r) == (
+        f"Error: {epoch}: the run in {run} trains 's1', not 's2'; resume it with --arch s1, or start a new s2 run "
+        "with --overwrite (or another --output)"
+    )
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoint_epoch=1.pt", "models"]
 
 

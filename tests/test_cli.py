@@ -269,3 +269,23 @@ def test_set_accepts_plain_values_and_allow_expressions_runs_code_on_purpose(tmp
     assert res.exit_code == 0, res.output
     assert seen["epochs"] == "$1 + 1"
     assert "This runs code" in " ".join(_invoke("student", "--help").output.split())
+
+
+def test_importing_the_cli_imports_neither_torch_nor_monai():
+    """``mkd --help`` and every usage error stay fast: registries are read when an option needs its choices."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mkd.cli; from mkd.handlers.settings import SETTINGS; "
+            "print(sorted(m for m in ('torch', 'monai', 'mkd.networks', 'mkd.handlers.distillation') "
+            "if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # the choices are still the registries' when click reads them
+    from mkd.cli import cli
+    from mkd.networks.registry import TEACHERS
+
+    teacher = next(c for c in cli.commands["teacher"].params if c.name == "arch")
+    assert teacher.type.choices == tuple(TEACHERS)
+    res = CliRunner().invoke(cli, ["teacher", "--arch", "s1"])
+    assert res.exit_code == 2 and "'s1' is not one of" in res.output

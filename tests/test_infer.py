@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from mkd.export import cached_onnx, read_metadata
 from mkd.inference import (
     OnnxRuntimeBackend,
     Segmenter,
+    SlicePrediction,
     TorchBackend,
     Volume,
     default_threads,
@@ -27,6 +29,7 @@ from mkd.inference import (
     keep_largest_component,
     load_volume,
     onnxruntime_available,
+    predict_slices,
     preprocess,
     resolve_backend,
     resolve_settings,
@@ -77,10 +80,11 @@ def test_the_inference_package_keeps_its_public_names():
 
     assert sorted(mkd.inference.__all__) == sorted(
         ["BACKENDS", "FolderResult", "InferenceResult", "InferenceSettings", "NIFTI_SUFFIXES", "OnnxRuntimeBackend",
-         "Preprocessed", "Segmenter", "TorchBackend", "Volume", "calibration_slices", "check_folder_job",
-         "check_logits", "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component",
-         "load_volume", "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend",
-         "resolve_settings", "save_mask"]
+         "Preprocessed", "Segmenter", "SlicePrediction", "TorchBackend", "Volume", "calibration_slices",
+         "check_folder_job", "check_logits", "check_mask_output", "check_mask_replaceable", "check_preview_path",
+         "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component", "load_volume",
+         "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend", "resolve_settings",
+         "save_mask"]
     )  # fmt: skip
     assert all(hasattr(mkd.inference, name) for name in mkd.inference.__all__)
     assert mkd.inference.Segmenter.__module__ == "mkd.inference.predictor"
@@ -243,6 +247,115 @@ def test_largest_connected_component():
     out = keep_largest_component(mask)
     assert out.dtype == np.uint8 and out.sum() == 64 and out[5:9, 5:9, 5:9].all()
     assert keep_largest_component(np.zeros((4, 4, 4), np.uint8)).sum() == 0
+
+
+# --- predict_slices: the one slice prediction of infer, evaluate and report -------------------------------
+
+
+class Channel0(nn.Module):
+    """Logits = channel 0 + log(channel 1): channel 0 where channel 1 is 1, NaN where it is negative.
+
+    Records the batch sizes it is called with.
+    """
+
+    in_channels, out_channels = 3, 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return x[:, :1] + torch.log(x[:, 1:2])
+
+
+def test_predict_slices_gives_the_sigmoid_of_known_logits_in_slice_order_across_batches():
+    slices = torch.ones(5, 3, 4, 4)
+    slices[:, 0] = torch.arange(-2.0, 3.0).view(5, 1, 1)  # slice i: logits i - 2 everywhere
+    net = Channel0()
+    out = predict_slices(net, slices, batch_size=2)
+    assert isinstance(out, SlicePrediction) and net.batches == [2, 2, 1] and out.recon is None
+    assert out.probs.dtype == torch.float32 and out.probs.device.type == "cpu" and out.probs.shape == (5, 1, 4, 4)
+    assert bool((out.probs == out.probs[:, :, :1, :1]).all()) and float(out.probs[2, 0, 0, 0]) == 0.5
+    e = math.e
+    expected = [1 / (1 + e**2), 1 / (1 + e), 0.5, e / (1 + e), e**2 / (1 + e**2)]
+    assert out.probs[:, 0, 0, 0].tolist() == pytest.approx(expected, abs=1e-7)
+    # the input resized to the network size by area: a 2x2 block of 4 on a 4x4 slice of 1 is a 2x2 [[4, 1], [1, 1]]
+    block = torch.ones(1, 3, 4, 4)
+    block[:, 0, :2, :2] = 4.0
+    probs = predict_slices(Channel0(), block, image_size=(2, 2)).probs
+    assert probs[0, 0].flatten().tolist() == pytest.approx([e**4 / (1 + e**4)] + [e / (1 + e)] * 3, abs=1e-7)
+
+
+def test_predict_slices_refuses_nan_logits_naming_the_network_and_the_slices():
+    slices = torch.ones(4, 3, 2, 2)
+    slices[3, 1] = -1.0  # Channel0 gives log(-1) = NaN on slice 3 only
+    with pytest.raises(MkdError) as err:
+        predict_slices(Channel0(), slices, batch_size=2, name="net.pt")
+    assert str(err.value) == (
+        "net.pt: the network's output holds 4 NaN or infinite value(s) of 8 (slices 2-3); its weights are broken "
+        "(a diverged run?): retrain it or use an earlier checkpoint"
+    )
+    with pytest.raises(MkdError, match=r"^net.pt: the network's output holds 4 NaN .* \(test slices of p1\); "):
+        predict_slices(Channel0(), slices, name="net.pt", where="test slices of p1")
+
+
+def test_predict_slices_captures_the_teachers_reconstruction_when_asked():
+    torch.manual_seed(0)
+    teacher = build("t1", preset="tiny").eval()
+    head = [m for m in teacher.recon_decoder.modules() if isinstance(m, nn.Conv2d)][-1]  # spread beyond [0, 1]
+    with torch.no_grad():
+        head.weight.mul_(200.0)
+        head.bias.fill_(0.5)
+    teacher.reconstruct = False  # as Segmenter leaves it: the call switches the decoder on, then back off
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = teacher.forward_tasks(x)  # the two decoders called directly, no recorder
+    out = predict_slices(teacher, x, batch_size=2, recon=True)
+    assert teacher.reconstruct is False
+    assert out.recon.shape == (3, 3, 32, 32) and out.recon.dtype == torch.float32
+    assert torch.allclose(out.recon, ref["recon"].clamp(0, 1), atol=1e-6)
+    assert float(ref["recon"].min()) < 0 and float(ref["recon"].max()) > 1  # the clamp did something
+    assert float(out.recon.min()) == 0 and float(out.recon.max()) == 1
+    assert torch.allclose(out.probs, torch.sigmoid(ref["seg"]), atol=1e-6)
+    assert predict_slices(teacher, x).recon is None
+    with pytest.raises(ValueError, match="reconstruction needs the PyTorch network"):
+        predict_slices(TorchBackend(teacher, torch.device("cpu")), x, recon=True)
+
+
+def test_evaluate_the_report_and_infer_take_their_probabilities_from_predict_slices(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    """A stand-in predict_slices answers "all foreground" for a network that says "background" everywhere:
+    what evaluate, the report's panels and Segmenter give is that answer."""
+    import mkd.inference.predictor as predictor
+    from mkd.evaluation import evaluate_checkpoint
+    from mkd.reports.report import _pick_slices, _predict
+
+    real, where = predictor.predict_slices, []
+
+    def all_foreground(*args, **kwargs) -> SlicePrediction:
+        out = real(*args, **kwargs)
+        assert float(out.probs.max()) < 1e-6  # the network's own answer: background
+        where.append(kwargs.get("where"))
+        return SlicePrediction(torch.ones_like(out.probs), out.recon)
+
+    monkeypatch.setattr(predictor, "predict_slices", all_foreground)
+    net = build("s1")
+    head = [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-20.0)
+    ckpt = save_checkpoint(tmp_path / "background.pt", net, run={"image_size": [32, 32]})
+
+    result = evaluate_checkpoint(ckpt, tiny_prepared, batch_size=7, device="cpu")
+    assert result.summary["pooled"]["recall"] == 1.0
+    assert len(where) == math.ceil(result.summary["slices"] / 7) and all(w.startswith("test slices of ") for w in where)
+    prob, _, _ = _predict(ckpt, _pick_slices(tiny_prepared, 2), [32, 32], "cpu")
+    assert prob.shape == (2, 1, 32, 32) and bool((prob == 1).all())
+    seg = Segmenter(ckpt, size=32, device="cpu", backend="torch")
+    mask = seg.segment(_volume(tmp_path, np.zeros((8, 8, 3), np.float32))).mask
+    assert mask.shape == (8, 8, 3) and bool(mask.all())
 
 
 @needs_sample

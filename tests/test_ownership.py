@@ -47,11 +47,11 @@ def test_markers_name_the_command_and_only_marked_or_empty_folders_are_replaceab
     with pytest.raises(MkdError) as err:
         check_replaceable(run, ("student",))
     assert str(err.value) == (
-        f"{run}: not written by mkd student (no {OWNER_FILE}) and not empty; --overwrite replaces only a folder "
-        "written by mkd student: choose another --output, or move its files away yourself"
-    )
+        f"{run}: not written by mkd student (no {OWNER_FILE}) and not empty; `overwrite=True` replaces only a "
+        "folder written by mkd student: choose another `output_dir`, or move its files away yourself"
+    )  # the library names its parameters; the CLI's tests below read the flags
     mark_owner(run, "demo")
-    with pytest.raises(MkdError, match=r"run: written by mkd demo and not empty; --overwrite replaces only"):
+    with pytest.raises(MkdError, match=r"run: written by mkd demo and not empty; `overwrite=True` replaces only"):
         check_replaceable(run, ("student",))
     mark_owner(run, "student")
     assert owner_of(run) == "student"
@@ -206,6 +206,45 @@ def test_infer_output_equal_to_input_is_refused_without_suggesting_overwrite(tmp
     assert ct.read_bytes() == before and other.is_file()
 
 
+def test_the_library_checks_a_mask_output_before_the_work_and_names_its_parameters(tmp_path):
+    """mkd.inference.check_mask_output / check_preview_path: what mkd infer checks before the model loads."""
+    from mkd.inference import check_folder_job, check_mask_output, check_preview_path
+
+    ct = write_nifti(tmp_path / "ct.nii.gz", np.zeros((8, 8, 4), np.int16))
+    with pytest.raises(MkdError) as err:
+        check_mask_output(ct, ct, overwrite=True)
+    assert (
+        str(err.value) == f"{ct}: is the `input` volume; the mask would replace the CT: give `output` another file name"
+    )
+    mask = write_nifti(tmp_path / "mask.nii.gz", np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(MkdError) as err:
+        check_mask_output(ct, mask)
+    assert str(err.value) == f"{mask}: output already exists; pass `overwrite=True` to replace it"
+    assert check_mask_output(ct, mask, overwrite=True) == mask  # an earlier mask is replaced
+    other = write_nifti(tmp_path / "other.nii.gz", np.zeros((8, 8, 4), np.int16))
+    with pytest.raises(MkdError) as err:
+        check_mask_output(ct, other, overwrite=True)
+    assert str(err.value) == (
+        f"{other}: is a int16 NIfTI (a CT?), not a uint8 mask written by mkd infer; `overwrite=True` replaces "
+        "only masks: give `output` another name"
+    )
+    # a folder job: an existing output that is not a mask stops it, naming the folder parameter
+    (tmp_path / "in").mkdir()
+    write_nifti(tmp_path / "in" / "a.nii.gz", np.zeros((8, 8, 4), np.int16))
+    write_nifti(tmp_path / "out" / "a.nii.gz", np.zeros((8, 8, 4), np.int16))
+    with pytest.raises(MkdError, match="replaces only masks: give `output_dir` another name"):
+        check_folder_job(tmp_path / "in", tmp_path / "out", overwrite=True)
+    assert check_folder_job(tmp_path / "in", tmp_path / "out", skip_existing=True) == [tmp_path / "in" / "a.nii.gz"]
+    with pytest.raises(MkdError) as err:
+        check_preview_path(tmp_path / "p.jpg")
+    assert str(err.value) == f"{tmp_path / 'p.jpg'}: `preview` must be a file name ending in .png"
+    png = tmp_path / "p.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n and the rest")
+    with pytest.raises(MkdError, match="preview already exists; pass `overwrite=True` to replace it"):
+        check_preview_path(png)
+    assert check_preview_path(png, overwrite=True) == png
+
+
 def test_ablate_does_not_delete_a_run_folder_it_did_not_write(tmp_path):
     from mkd.ablation import execute_run, expand_grid
 
@@ -217,8 +256,8 @@ def test_ablate_does_not_delete_a_run_folder_it_did_not_write(tmp_path):
         execute_run(spec, tmp_path / "runs", tmp_path / "data")
     assert str(err.value) == (
         f"{run}: not written by mkd teacher / mkd student / mkd distill (no {OWNER_FILE}) and not empty; mkd ablate "
-        "replaces only a folder written by mkd teacher / mkd student / mkd distill: choose another --runs, or move "
-        "its files away yourself"
+        "replaces only a folder written by mkd teacher / mkd student / mkd distill: choose another `runs_dir`, or "
+        "move its files away yourself"
     )
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
@@ -254,7 +293,7 @@ def test_infer_preview_never_replaces_a_volume_or_another_file(tmp_path):
     assert res.output.strip() == f"Error: {figure}: preview already exists; pass --overwrite to replace it"
     res = _invoke(*args, "--png", figure, "--overwrite")
     assert res.output.strip() == (
-        f"Error: {figure}: is not a PNG image; --overwrite replaces only an earlier preview: give --preview "
+        f"Error: {figure}: is not a PNG image; --overwrite replaces only an earlier preview: give --preview/--png "
         "another name"
     )
     assert ct.read_bytes() == before and figure.read_bytes() == b"my own figure, not a PNG"

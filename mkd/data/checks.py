@@ -51,7 +51,7 @@ def check_finite(data: torch.Tensor | np.ndarray, path: str | os.PathLike | None
     )
 
 
-def check_spacing(spacing: Sequence[float] | None, option: str = "--spacing") -> tuple[float, ...] | None:
+def check_spacing(spacing: Sequence[float] | None, option: str = "spacing") -> tuple[float, ...] | None:
     """``spacing`` as three finite numbers, each positive or 0 (0 keeps that axis's spacing).
 
     Raises:
@@ -62,7 +62,7 @@ def check_spacing(spacing: Sequence[float] | None, option: str = "--spacing") ->
     values = tuple(float(s) for s in spacing)
     if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values):
         raise MkdError(
-            f"{option} {','.join(f'{v:g}' for v in values)}: expected three voxel sizes in mm (X,Y,Z), each "
+            f"`{option}={','.join(f'{v:g}' for v in values)}`: expected three voxel sizes in mm (X,Y,Z), each "
             "positive or 0 to keep that axis"
         )
     return values
@@ -73,7 +73,7 @@ def check_resampled_size(
     affine: np.ndarray,
     spacing: Sequence[float] | None,
     path: str | os.PathLike | None,
-    option: str = "--spacing",
+    option: str = "spacing",
     max_voxels: int = MAX_VOXELS,
 ) -> None:
     """Refuse a target spacing that would resample ``shape`` (with voxel sizes from ``affine``) to an absurd grid.
@@ -94,7 +94,7 @@ def check_resampled_size(
         grid = "x".join(str(s) for s in sizes)
         raise InputError(
             path,
-            f"{option} {','.join(f'{float(s):g}' for s in spacing)} would resample this "
+            f"`{option}={','.join(f'{float(s):g}' for s in spacing)}` would resample this "
             f"{'x'.join(str(int(s)) for s in shape)} volume to {grid} = {voxels:.3g} voxels (limit "
             f"{max_voxels:.0e}); give a voxel size in mm, e.g. 1,1,2, or 0 to keep an axis",
         )

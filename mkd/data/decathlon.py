@@ -145,7 +145,7 @@ def extract_task(archive: str | os.PathLike, dest: str | os.PathLike, md5: str |
             raise InputError(archive, "no task folder with dataset.json inside the archive")
         target = dest / found[0].name
         if target.exists():
-            raise MkdError(f"{target}: already exists; remove it or use it directly with --source")
+            raise MkdError(f"{target}: already exists; remove it or use it directly with `source`")
         os.replace(found[0], target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,7 +201,9 @@ def download_task(task: str, root: str | os.PathLike, url: str | None = None, md
     known_url, known_md5 = _known(task)
     url, md5 = url or known_url, md5 or known_md5
     if url is None:
-        raise MkdError(f"--download: no published archive for task {task!r}; put the task folder in {root} by hand")
+        raise MkdError(
+            f"`download=True`: no published archive for task {task!r}; put the task folder in {root} by hand"
+        )
     reason = check_reachable(url)
     if reason is not None:
         raise MkdError(f"cannot download {url} ({reason}); {_hand_placement(task, root, url, md5)}")
@@ -237,7 +239,7 @@ def locate_task(
             return extract_task(source, root, md5=_known(task)[1])
         raise InputError(source, "no such task folder or .tar archive")
     if decathlon is None:
-        raise MkdError("give a task: --decathlon NAME, --source DIR_OR_TAR or --phantom")
+        raise MkdError("give a task: `decathlon=NAME` or `source=DIR_OR_TAR`")
     folder, archive = root / decathlon, root / f"{decathlon}.tar"
     if folder.is_dir():
         return folder
@@ -246,7 +248,7 @@ def locate_task(
     if download:
         return download_task(decathlon, root)
     url, md5 = _known(decathlon)
-    raise InputError(folder, f"no such folder; pass --download, or {_hand_placement(decathlon, root, url, md5)}")
+    raise InputError(folder, f"no such folder; pass `download=True`, or {_hand_placement(decathlon, root, url, md5)}")
 
 
 def read_task(task_dir: str | os.PathLike) -> Task:

@@ -429,7 +429,7 @@ def write_phantom(
         except (OSError, ValueError):
             existing = None
         if existing is None:
-            raise MkdError(f"{task}: exists and is not an mkd phantom; choose another --root or remove it")
+            raise MkdError(f"{task}: exists and is not an mkd phantom; choose another `root` or remove it")
         if existing == settings and not overwrite:
             logger.info("reusing phantom %s", task)
             return task

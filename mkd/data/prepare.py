@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mkd.data.checks import check_finite, check_resampled_size, check_spacing, warn_if_not_ct
 from mkd.data.decathlon import Case, case_id, read_task
 from mkd.data.split import SPLITS, read_split_file, split_patients, student_subset
-from mkd.errors import InputError, MkdError, first_line
+from mkd.errors import InputError, MkdError, first_line, output_exists
 
 __all__ = [
     "DATALIST_KEYS",
@@ -26,6 +27,7 @@ __all__ = [
     "UNLABELLED_KEY",
     "PrepareSummary",
     "check_output_dir",
+    "find_task",
     "load_manifest",
     "load_prepare_info",
     "load_split",
@@ -126,7 +128,7 @@ def _load_checked(case: Case, label_value: int | None, spacing: Sequence[float] 
         if not set(values.tolist()) <= {0.0, 1.0}:
             raise InputError(
                 case.label,
-                f"label values {_fmt_values(values)}; expected {{0, 1}} (pass --label-value N to segment label N)",
+                f"label values {_fmt_values(values)}; expected {{0, 1}} (pass `label_value=N` to segment label N)",
             )
         if 1.0 not in set(values.tolist()):
             logger.warning("%s: the label is empty (no foreground voxel); its volume teaches only background",
@@ -204,25 +206,64 @@ def _keep_rows(fg_per_z: np.ndarray, keep: str, margin: int) -> np.ndarray:
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an existing ``out_dir`` unless ``overwrite`` is set and ``mkd prepare`` wrote it (or it is empty).
 
-    ``--overwrite`` replaces a prepared dataset; it never deletes a folder that holds
-    something else (a typo in ``--out`` must not cost a user their files).
+    ``overwrite`` replaces a prepared dataset; it never deletes a folder that holds
+    something else (a typo in ``out_dir`` must not cost a user their files).
 
     Raises:
         MkdError: ``out_dir`` exists and ``overwrite`` is false, or it is a file, or a folder
-            that is neither empty nor holds ``prepare.json``.
+            that is neither empty nor holds ``prepare.json``, or one that
+            :func:`mkd.ownership.check_replaceable` keeps (the current folder, a folder above it).
     """
     out_dir = Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not overwrite:
-        raise MkdError(f"{out_dir}: output already exists; pass --overwrite to replace it")
+        raise output_exists(out_dir)
     if not out_dir.is_dir() or out_dir.is_symlink():
-        raise MkdError(f"{out_dir}: not a folder; --overwrite replaces only a dataset written by `mkd prepare`")
+        raise MkdError(f"{out_dir}: not a folder; `overwrite=True` replaces only a dataset written by `mkd prepare`")
     if not (out_dir / "prepare.json").is_file() and any(out_dir.iterdir()):
         raise MkdError(
-            f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; --overwrite replaces only "
-            "a prepared dataset: choose another --out"
+            f"{out_dir}: not written by `mkd prepare` (no prepare.json) and not empty; `overwrite=True` replaces "
+            "only a prepared dataset: choose another `out_dir`"
         )
+    from mkd.ownership import check_replaceable
+
+    # a prepared dataset (prepare.json) or an empty folder; never the current folder or one above it
+    check_replaceable(out_dir, ("prepare",), option="`out_dir`", legacy=lambda p: (p / "prepare.json").is_file())
+
+
+def find_task(
+    *,
+    decathlon: str | None = None,
+    source: str | os.PathLike | None = None,
+    root: str | os.PathLike = ".",
+    download: bool = False,
+    cases: int | None = None,
+    shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """The task folder to prepare, and where it came from (the ``source_info`` of :func:`prepare_dataset`).
+
+    A Decathlon task (``decathlon``, found, extracted or downloaded in ``root``), a task folder or
+    ``.tar`` given directly (``source``): :func:`mkd.data.locate_task`. Neither: the built-in phantom
+    written to ``root`` (:func:`mkd.data.write_phantom`, ``cases`` volumes of ``shape`` voxels from
+    ``seed``; ``progress(done, total)`` after each volume).
+
+    Returns:
+        ``(task folder, source_info)``.
+    """
+    from mkd.data.decathlon import locate_task
+
+    if decathlon or source:
+        task = locate_task(decathlon=decathlon, source=source, root=root, download=download)
+        return task, {"source": "decathlon" if decathlon else "source"}
+    from mkd.data.phantom import PHANTOM_CASES, PHANTOM_SHAPE, write_phantom
+
+    n_cases = PHANTOM_CASES if cases is None else int(cases)
+    grid = PHANTOM_SHAPE if shape is None else tuple(int(s) for s in shape)
+    task = write_phantom(root, cases=n_cases, shape=grid, seed=seed, progress=progress)
+    return task, {"source": "phantom", "phantom": {"cases": n_cases, "shape": list(grid), "seed": seed}}
 
 
 def prepare_dataset(
@@ -291,11 +332,11 @@ def prepare_dataset(
 
     t0 = time.perf_counter()
     if channels not in ("replicate", "2.5d"):
-        raise MkdError(f"--channels must be 'replicate' or '2.5d', got {channels!r}")
+        raise MkdError(f"`channels` must be 'replicate' or '2.5d', got {channels!r}")
     if keep not in ("all", "organ"):
-        raise MkdError(f"--keep must be 'all' or 'organ', got {keep!r}")
+        raise MkdError(f"`keep` must be 'all' or 'organ', got {keep!r}")
     if margin < 0 or size < 8:
-        raise MkdError(f"--margin must be >= 0 and --size >= 8, got margin={margin}, size={size}")
+        raise MkdError(f"`margin` must be >= 0 and `size` >= 8, got margin={margin}, size={size}")
     try:
         window = parse_window(window) if window != "max" else "max"
     except ValueError as err:
@@ -410,10 +451,10 @@ def prepare_dataset(
             if progress is not None:
                 progress(pid, n + 1, total)
         if label_value is not None and label_fg_total == 0:
-            raise MkdError(f"--label-value {label_value}: no voxel has this value in any label file of {task.root}")
+            raise MkdError(f"`label_value={label_value}`: no voxel has this value in any label file of {task.root}")
         for key in DATALIST_KEYS:
             if not datalist[key]:
-                raise MkdError(f"the {key} split has no slices (check --keep organ and the masks)")
+                raise MkdError(f"the {key} split has no slices (check `keep=organ` and the masks)")
         datalist["patients"] = {
             **{k: list(split[k]) for k in SPLITS},
             "student": [p for p in split["training"] if p in student_set],

@@ -59,9 +59,9 @@ def split_patients(
     """
     for name, f in (("val", val_fraction), ("test", test_fraction)):
         if not 0 <= f < 1:
-            raise ValueError(f"--{name}-fraction must be in [0, 1), got {f}")
+            raise ValueError(f"`{name}_fraction` must be in [0, 1), got {f}")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"--val-fraction + --test-fraction must be < 1, got {val_fraction} + {test_fraction}")
+        raise ValueError(f"`val_fraction` + `test_fraction` must be < 1, got {val_fraction} + {test_fraction}")
     ordered = sorted(set(patients), key=_natural_key)
     n = len(ordered)
     n_val = max(1, _round_half_up(val_fraction * n)) if val_fraction > 0 else 0
@@ -70,7 +70,7 @@ def split_patients(
     if min(n_train, n_val, n_test) < 1:
         raise MkdError(
             f"{n} labelled patient(s) cannot fill non-empty training / validation / test splits "
-            f"with --val-fraction {val_fraction} --test-fraction {test_fraction} "
+            f"with `val_fraction={val_fraction}` `test_fraction={test_fraction}` "
             f"(would be {max(n_train, 0)} / {n_val} / {n_test}); every split needs at least one patient"
         )
     order = np.random.default_rng([int(seed), 1]).permutation(n)

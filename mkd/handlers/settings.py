@@ -325,6 +325,14 @@ def _check_value(setting: Setting, value: Any) -> None:
         raise SettingsError(f"{setting.name}={value!r}: expected {wanted}")
 
 
+def _bool_text(setting: Setting, value: Any) -> Any:
+    """``"true"`` / ``"false"`` (any case) as a switch's value: ``python -m monai.bundle run ... --pmd false``
+    passes the word, and a non-empty string must never read as on."""
+    if setting.type is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
 def _copy(value: Any) -> Any:
     """A value of its own: a recipe's or a default's list or mapping is never shared with a run."""
     if isinstance(value, Mapping):
@@ -362,7 +370,7 @@ def distillation_settings(**given: Any) -> DistillSettings:
         ...
         mkd.handlers.settings.SettingsError: temperature is set but feature_loss 'mse' does not use it
     """
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: _bool_text(SETTINGS[k], v) if k in SETTINGS else v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - set(SETTINGS))
     if unknown:
         raise SettingsError(f"unknown distillation setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")

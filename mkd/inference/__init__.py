@@ -23,7 +23,8 @@ The modules, each depending only on those above it:
 - :mod:`mkd.inference.geometry`: :func:`preprocess` and its inverse :func:`invert`;
 - :mod:`mkd.inference.backends`: PyTorch or ONNX Runtime (the graph from :mod:`mkd.export`), threads,
   int8 calibration slices;
-- :mod:`mkd.inference.predictor`: :func:`predict_slices`, :class:`Segmenter`.
+- :mod:`mkd.inference.predictor`: :func:`predict_slices` (also the prediction of ``mkd evaluate`` and of the
+  report's panels), :class:`Segmenter`.
 
 Example:
     >>> from mkd.inference import Segmenter  # doctest: +SKIP
@@ -49,13 +50,23 @@ from mkd.inference.io import (
     NIFTI_SUFFIXES,
     Volume,
     check_folder_job,
+    check_mask_output,
+    check_mask_replaceable,
+    check_preview_path,
     find_volumes,
     is_volume_folder,
     load_volume,
     mask_bytes,
     save_mask,
 )
-from mkd.inference.predictor import FolderResult, InferenceResult, Segmenter, check_logits, predict_slices
+from mkd.inference.predictor import (
+    FolderResult,
+    InferenceResult,
+    Segmenter,
+    SlicePrediction,
+    check_logits,
+    predict_slices,
+)
 from mkd.inference.settings import InferenceSettings, resolve_settings
 from mkd.metrics.segmentation import keep_largest_component
 
@@ -68,12 +79,16 @@ __all__ = [
     "FolderResult",
     "find_volumes",
     "check_folder_job",
+    "check_mask_output",
+    "check_mask_replaceable",
+    "check_preview_path",
     "is_volume_folder",
     "resolve_settings",
     "load_volume",
     "preprocess",
     "invert",
     "predict_slices",
+    "SlicePrediction",
     "check_logits",
     "keep_largest_component",
     "save_mask",

@@ -65,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
     if backend == "onnxruntime":
         if device.type != "cpu":
-            raise ValueError(f"backend onnxruntime runs on the CPU; got device {device} (use --backend torch)")
+            raise ValueError(f"backend onnxruntime runs on the CPU; got device {device} (use `backend=torch`)")
         if not onnxruntime_available():
             raise MkdError("backend onnxruntime needs the optional extra: pip install 'mkd[onnx]'")
     return backend

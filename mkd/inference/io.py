@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mkd.data.checks import check_finite, warn_if_not_ct
-from mkd.errors import InputError, MkdError, first_line
+from mkd.errors import InputError, MkdError, first_line, output_exists
 from mkd.utils import atomic_path
 
 __all__ = [
@@ -21,6 +21,9 @@ __all__ = [
     "save_mask",
     "mask_bytes",
     "check_mask_path",
+    "check_mask_output",
+    "check_mask_replaceable",
+    "check_preview_path",
     "find_volumes",
     "is_volume_folder",
     "check_folder_job",
@@ -183,6 +186,79 @@ def check_mask_path(path: str | os.PathLike) -> None:
         raise InputError(path, "is a folder; expected an output file name")
 
 
+def check_mask_replaceable(path: str | os.PathLike, name: str = "output") -> None:
+    """``overwrite`` replaces a mask (a uint8 NIfTI, what mkd infer writes), never a CT or another file.
+
+    Args:
+        path: the existing file ``overwrite`` would replace.
+        name: the parameter that named it, for the message.
+
+    Raises:
+        InputError: ``path`` is not a uint8 NIfTI.
+    """
+    import nibabel as nib
+
+    try:
+        dtype = nib.load(str(path)).get_data_dtype()
+    except Exception:  # noqa: BLE001 - unreadable: not a mask infer wrote
+        dtype = None
+    if dtype is None or dtype.kind != "u" or dtype.itemsize != 1:
+        what = f"a {dtype} NIfTI (a CT?)" if dtype is not None else "not a NIfTI mask"
+        raise InputError(path, f"is {what}, not a uint8 mask written by mkd infer; `overwrite=True` replaces only "
+                         f"masks: give `{name}` another name")  # fmt: skip
+
+
+def check_mask_output(input: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check, before any work, that the mask of ``input`` can be written to ``output``.
+
+    What ``overwrite`` could never fix is said first: ``output`` is the input itself, or not a
+    ``.nii`` / ``.nii.gz`` file name (:func:`check_mask_path`). Then an existing ``output`` needs
+    ``overwrite`` and must be a mask (:func:`check_mask_replaceable`), and its folder must be writable.
+
+    Returns:
+        ``output`` as a path.
+
+    Raises:
+        InputError / MkdError: one line naming the file and the problem.
+    """
+    from mkd.utils import check_writable
+
+    output = Path(output)
+    if Path(input).exists() and output.exists() and output.resolve() == Path(input).resolve():
+        raise InputError(output, "is the `input` volume; the mask would replace the CT: give `output` another file "
+                         "name")  # fmt: skip
+    check_mask_path(output)
+    if output.exists() and not overwrite:
+        raise output_exists(output)
+    if output.exists():
+        check_mask_replaceable(output)
+    check_writable(output.parent, "mask")
+    return output
+
+
+def check_preview_path(preview: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check, before any work, that the PNG preview of a mask (:func:`mkd.reports.plot_mask_preview`) may be written.
+
+    ``overwrite`` replaces an earlier preview (a PNG image) only, never a volume or another file.
+
+    Returns:
+        ``preview`` as a path.
+
+    Raises:
+        InputError / MkdError: not a ``.png`` name, an existing file without ``overwrite``, or one that is
+            not a PNG image.
+    """
+    png = Path(preview)
+    if png.suffix.lower() != ".png":
+        raise InputError(png, "`preview` must be a file name ending in .png")
+    if png.exists() and not overwrite:
+        raise MkdError(f"{png}: preview already exists; pass `overwrite=True` to replace it")
+    if png.exists() and (not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+        raise InputError(png, "is not a PNG image; `overwrite=True` replaces only an earlier preview: give `preview` "
+                         "another name")  # fmt: skip
+    return png
+
+
 def mask_bytes(shape: Sequence[int], path: str | os.PathLike) -> int:
     """An upper estimate of the size of a uint8 mask file: the voxels plus the header, 1/4 of that for ``.nii.gz``.
 
@@ -226,13 +302,16 @@ def check_folder_job(
 ) -> list[Path]:
     """The volumes of a folder job, after checking it can run (see :meth:`mkd.inference.Segmenter.segment_folder`).
 
+    With ``overwrite``, every existing output must be a mask (:func:`check_mask_replaceable`).
+
     Raises:
-        InputError / MkdError: as :meth:`mkd.inference.Segmenter.segment_folder`.
+        InputError / MkdError: as :meth:`mkd.inference.Segmenter.segment_folder`, or an existing output
+            that is not a mask.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     volumes = find_volumes(input_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(output_dir, "is a file; with a folder --input, --output must be a folder")
+        raise InputError(output_dir, "is a file; with a folder `input_dir`, `output_dir` must be a folder")
     if output_dir.resolve() == input_dir.resolve():
         raise InputError(output_dir, "output folder is the input folder; masks would overwrite the CTs")
     from mkd.utils import check_writable
@@ -242,8 +321,10 @@ def check_folder_job(
     if existing and not (overwrite or skip_existing):
         raise MkdError(
             f"{existing[0]}: output already exists ({len(existing)} of {len(volumes)} in {output_dir}); "
-            "pass --overwrite to replace them or --skip-existing to keep them"
+            "pass `overwrite=True` to replace them or `skip_existing=True` to keep them"
         )
+    for path in existing if overwrite else ():
+        check_mask_replaceable(path, "output_dir")
     return volumes
 
 

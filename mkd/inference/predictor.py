@@ -1,11 +1,13 @@
 """The predictor: a network plus its preprocessing, from a CT volume to a mask on the volume's own grid.
 
-:func:`predict_slices` is the network part (slices in, foreground probabilities out, in batches);
-:class:`Segmenter` is the whole path of ``mkd infer`` and the bundle's ``inference.json``.
+:func:`predict_slices` is the network part (slices in, foreground probabilities and optionally a
+teacher's reconstruction out, in batches; ``mkd evaluate`` and the report's panels predict with it
+too); :class:`Segmenter` is the whole path of ``mkd infer`` and the bundle's ``inference.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -43,20 +45,42 @@ from mkd.inference.settings import resolve_settings
 from mkd.metrics.segmentation import keep_largest_component
 from mkd.networks.checkpoint import CheckpointRecord
 
-__all__ = ["predict_slices", "check_logits", "InferenceResult", "FolderResult", "Segmenter"]
+__all__ = ["predict_slices", "SlicePrediction", "check_logits", "InferenceResult", "FolderResult", "Segmenter"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlicePrediction:
+    """What :func:`predict_slices` gives.
+
+    Attributes:
+        probs: float32 CPU tensor (S, C, h, w) of ``sigmoid(logits)``, in the order of the slices.
+        recon: the reconstruction of a multi-task teacher (its ``recon`` feature scale), float32
+            (S, C_in, h, w) clamped to [0, 1], on the network's device (evaluation reduces its PSNR
+            there, as it always did); ``None`` unless asked for.
+    """
+
+    probs: torch.Tensor
+    recon: torch.Tensor | None = None
 
 
 def predict_slices(
     model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     slices: np.ndarray | torch.Tensor,
-    image_size: tuple[int, int] | None = None,
+    image_size: Sequence[int] | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     name: Any = "the network",
-) -> torch.Tensor:
+    *,
+    where: str | None = None,
+    recon: bool = False,
+) -> SlicePrediction:
     """Foreground probabilities of (S, C, H, W) slices, in batches.
+
+    The slice prediction of ``mkd infer`` (:class:`Segmenter`), ``mkd evaluate``
+    (:func:`mkd.evaluation.evaluate_checkpoint`, once per loader batch) and the report's qualitative
+    panels: all three give the same probabilities and refuse a broken network the same way.
 
     Args:
         model: logits-out network in eval mode, or any callable ``f(x) -> logits`` (a backend of
@@ -64,28 +88,51 @@ def predict_slices(
         slices: network input at the prepared size.
         image_size: resize each batch (``area``, as the training bundles) to this size first.
         batch_size: slices per forward.
-        device: where the network is.
+        device: where the network is; each batch is moved there.
         name: what the error messages name (the checkpoint).
+        where: what the error messages call the slices (``"test slices of p1, p2"``); default
+            their indices in ``slices`` (``"slices 0-31"``).
+        recon: also capture the reconstruction (``recon`` scale, through
+            :class:`mkd.networks.FeatureRecorder`; the network's reconstruction decoder is switched on
+            for the call and off otherwise). Needs a multi-task network, not a backend.
 
     Returns:
-        float32 CPU tensor (S, 1, h, w) of ``sigmoid(logits)``.
+        :class:`SlicePrediction`: ``probs``, and ``recon`` when asked for.
 
     Raises:
         MkdError: the input or the network's output holds NaN or infinite values (a broken
             network would otherwise give an empty mask without a word); ``name`` starts the message.
+        ValueError: ``recon`` for a network without a ``recon`` scale, or for a backend.
     """
+    from mkd.networks import FeatureRecorder
+    from mkd.networks.base import reconstruction
+
+    if recon and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{name}: a reconstruction needs the PyTorch network, not {type(model).__name__}")
     x_all = torch.as_tensor(slices, dtype=torch.float32)
     check_finite(x_all, name, "network input value")  # never hand NaN to the network
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, x_all.shape[0], max(int(batch_size), 1)):
-            x = x_all[start : start + batch_size].to(device)
-            if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
-                x = F.interpolate(x, size=tuple(image_size), mode="area")
-            logits = model(x).float()
-            check_logits(logits, name, f"slices {start}-{start + x.shape[0] - 1}")
-            outs.append(torch.sigmoid(logits).cpu())
-    return torch.cat(outs).contiguous()
+    step = max(int(batch_size), 1)
+    recorder = FeatureRecorder(model, ["recon"], detach=True) if recon else None
+    switch = reconstruction(model, recon) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
+    probs, recons = [], []
+    try:
+        with torch.inference_mode(), switch:
+            for start in range(0, x_all.shape[0], step):
+                x = x_all[start : start + step].to(device)
+                if image_size is not None and tuple(x.shape[-2:]) != tuple(image_size):
+                    x = F.interpolate(x, size=tuple(image_size), mode="area")
+                if recorder is None:
+                    logits = model(x).float()
+                else:
+                    with recorder.recording():
+                        logits = model(x).float()
+                    recons.append(recorder.features["recon"].float().clamp(0, 1))
+                check_logits(logits, name, where or f"slices {start}-{start + x.shape[0] - 1}")
+                probs.append(torch.sigmoid(logits).cpu())
+    finally:
+        if recorder is not None:
+            recorder.close()
+    return SlicePrediction(torch.cat(probs).contiguous(), torch.cat(recons) if recorder is not None else None)
 
 
 def check_logits(logits: torch.Tensor, name: Any = "the network", where: str = "") -> None:
@@ -298,7 +345,9 @@ class Segmenter:
         lap("preprocess")
         name = self.checkpoint_path or type(self.model).__name__
         with torch_threads(self.threads if self.device.type == "cpu" else None):
-            probs = predict_slices(self.backend, slices, self.settings.image_size, self.batch_size, self.device, name)
+            probs = predict_slices(
+                self.backend, slices, self.settings.image_size, self.batch_size, self.device, name
+            ).probs
         lap("network")
         stacked = probs[:, 0].permute(1, 2, 0)[None]  # (1, h, w, Z')
         back = invert(stacked, pre)

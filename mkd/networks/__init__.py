@@ -27,7 +27,16 @@ from mkd.networks.recorder import (
     resolve_scales,
     unwrap_model,
 )
-from mkd.networks.registry import NETWORKS, PRESETS, STUDENTS, TEACHERS, NetworkSummary, build, describe
+from mkd.networks.registry import (
+    NETWORKS,
+    PRESETS,
+    STUDENTS,
+    TEACHERS,
+    NetworkSummary,
+    build,
+    describe,
+    network_table,
+)
 from mkd.networks.student import StudentUNet
 from mkd.networks.transunet import TransUNet
 from mkd.networks.unet import MultiTaskUNet, UNet
@@ -45,6 +54,7 @@ __all__ = [
     "STUDENTS",
     "build",
     "describe",
+    "network_table",
     "NetworkSummary",
     "FeatureRecorder",
     "ScaleInfo",

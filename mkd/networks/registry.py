@@ -9,13 +9,15 @@ from typing import Any
 
 import torch
 
+from mkd.errors import MkdError
 from mkd.networks.base import MkdNetwork
 from mkd.networks.recorder import feature_shapes
 from mkd.networks.student import S1_FEATURES, S2_FEATURES, StudentUNet
 from mkd.networks.transunet import TransUNet
 from mkd.networks.unet import MultiTaskUNet, UNet
 
-__all__ = ["NETWORKS", "PRESETS", "PRESET_NAMES", "TEACHERS", "STUDENTS", "build", "describe", "NetworkSummary"]
+__all__ = ["NETWORKS", "PRESETS", "PRESET_NAMES", "TEACHERS", "STUDENTS", "build", "describe", "NetworkSummary",
+           "network_table"]  # fmt: skip
 
 #: Registry name -> network class.
 NETWORKS: dict[str, type[MkdNetwork]] = {
@@ -170,3 +172,43 @@ def describe(
         features=feats,
         config=dict(net.config),
     )
+
+
+def _shape_str(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return "-"
+    channels, *spatial = shape
+    return f"{channels} x {'x'.join(str(s) for s in spatial)}"
+
+
+def network_table(
+    names: Sequence[str] | None = None, preset: str = "thesis", input_size: int = 256, **kwargs: Any
+) -> list[str]:
+    """The table of ``mkd networks``: parameters, output and feature shapes (C x spatial) per network.
+
+    Args:
+        names: networks to list; default all of :data:`NETWORKS`.
+        preset: width preset.
+        input_size: input side length.
+        kwargs: constructor overrides, as :func:`describe`.
+
+    Returns:
+        a heading line, the column names, a rule and one row per network.
+
+    Raises:
+        MkdError: a network these settings cannot build (``NAME: why``).
+    """
+    infos = []
+    for name in names or NETWORKS:
+        try:
+            infos.append(describe(name, preset, input_size, **kwargs))
+        except ValueError as err:
+            raise MkdError(f"{name}: {err}") from None
+    rows = [[i.name, f"{i.params / 1e6:.3f} M", _shape_str(i.output_shape),
+             *(_shape_str(i.features.get(s)) for s in ("enc", "bn", "dec", "recon"))] for i in infos]  # fmt: skip
+    header = ["network", "params", "output", "enc", "bn", "dec", "recon"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"preset {preset}, input {_shape_str(infos[0].input_shape)}; feature shapes are channels x spatial"]
+    for r in [header, ["-" * w for w in widths], *rows]:  # names and params left, shapes right
+        lines.append("  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))))
+    return lines

@@ -63,8 +63,23 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InputError(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
-def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
-    """One row per finished run of ``runs_dir`` (a folder with ``run.json`` and ``eval/test/summary.json``).
+def check_evaluation_name(evaluation: str) -> str:
+    """``evaluation`` if it names one folder under ``RUN/eval/`` (``test``, ``external``, ...).
+
+    Raises:
+        MkdError: an empty name, a path (``/``, ``\\``) or ``.`` / ``..``.
+    """
+    if not isinstance(evaluation, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", evaluation) or evaluation in (".", ".."):
+        raise MkdError(f"`evaluation` {evaluation!r}: expected the name of one folder under RUN/eval/ "
+                       "(letters, digits, '_', '-', '.'), e.g. 'test'")  # fmt: skip
+    return evaluation
+
+
+def collect_runs(runs_dir: str | os.PathLike, evaluation: str = "test") -> pd.DataFrame:
+    """One row per finished run of ``runs_dir`` (a folder with ``run.json`` and ``eval/<evaluation>/summary.json``).
+
+    ``evaluation`` is the folder under ``RUN/eval/`` to read: ``test`` (what ``mkd ablate``
+    writes) or one that ``mkd evaluate --output RUN/eval/NAME`` wrote, e.g. an external test set.
 
     Columns: ``run_id``, the ``run.json`` fields (``kind, method, arch, teacher, teacher_arch,
     scales`` joined with ``+``, ``loss, pmd, mode, data_fraction, seed, profile``),
@@ -81,11 +96,12 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
     from mkd.metrics import flatten_summary
 
     runs_dir = Path(runs_dir)
+    evaluation = check_evaluation_name(evaluation)
     if not runs_dir.is_dir():
         raise InputError(runs_dir, "runs folder not found")
     rows = []
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        eval_summary = run_dir / "eval" / "test" / "summary.json"
+        eval_summary = run_dir / "eval" / evaluation / "summary.json"
         if not (run_dir / "run.json").is_file() or not eval_summary.is_file():
             continue
         info = _read_json(run_dir / "run.json")
@@ -107,11 +123,12 @@ def collect_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
         row["train_seconds"] = train.get("seconds")
         row["val_last_change"] = curve_end_change(run_dir / "metrics.csv")
         row["run_dir"] = str(run_dir.resolve())
+        row["eval_dir"] = str(eval_summary.parent.resolve())
         rows.append(row)
     columns = ["run_id", *_RUN_FIELDS[1:-1], "baseline_run", "baseline", "groups", "settings", *DEFAULT_METRICS,
                *(f"volume_{k}" for k in ("iou", "dice", "recall", "precision", "hd95")), "psnr",
                "best_val_pooled_dice", "best_epoch", "epochs", "train_seconds", "val_last_change",
-               "run_dir"]  # fmt: skip
+               "run_dir", "eval_dir"]  # fmt: skip
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=columns)
@@ -160,7 +177,7 @@ def convergence_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def left_out_runs(runs_dir: str | os.PathLike) -> dict[str, str]:
+def left_out_runs(runs_dir: str | os.PathLike, evaluation: str = "test") -> dict[str, str]:
     """``{folder name: why}`` for each run folder of ``runs_dir`` that :func:`collect_runs` leaves out.
 
     A run folder is one with ``run.json`` (``mkd ablate``), or with ``models/model.pt`` or
@@ -175,13 +192,17 @@ def left_out_runs(runs_dir: str | os.PathLike) -> dict[str, str]:
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         has_info = (run_dir / "run.json").is_file()
         trained = (run_dir / "models" / "model.pt").is_file()
-        if has_info and (run_dir / "eval" / "test" / "summary.json").is_file():
+        if has_info and (run_dir / "eval" / evaluation / "summary.json").is_file():
             continue
         if not has_info:
             if trained or (run_dir / "config.json").is_file():
                 out[run_dir.name] = "no run.json (not a run of mkd ablate, so its method and seed are unknown)"
         elif (runs_dir / f"{run_dir.name}.lock").exists() or (run_dir / "run.lock").exists():
             out[run_dir.name] = "still running (its lock file exists)"
+        elif evaluation != "test" and (trained or (run_dir / "eval" / "test" / "summary.json").is_file()):
+            out[run_dir.name] = (
+                f"no eval/{evaluation}/summary.json (mkd evaluate --output RUN/eval/{evaluation} writes it)"
+            )
         elif not trained:
             out[run_dir.name] = "training not finished (no models/model.pt)"
         else:
@@ -192,14 +213,14 @@ def left_out_runs(runs_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def collect_volumes(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-volume test metrics of every run of ``runs`` (from ``eval/test/per_volume.csv``), one row per volume.
+    """Per-volume test metrics of every run of ``runs`` (``per_volume.csv`` in its ``eval_dir``), a row per volume.
 
     Columns: ``run_id, method, baseline, seed, patient`` and the metrics ``iou, dice,
     recall, precision, hd95``. Runs without the file are left out.
     """
     frames = []
     for row in runs.itertuples(index=False):
-        path = Path(row.run_dir) / "eval" / "test" / "per_volume.csv"
+        path = Path(getattr(row, "eval_dir", None) or Path(row.run_dir) / "eval" / "test") / "per_volume.csv"
         if not path.is_file():
             continue
         pv = pd.read_csv(path)
@@ -385,6 +406,7 @@ def build_report(
     n_resamples: int = 10_000,
     seed: int = 0,
     only: Sequence[str] | None = None,
+    evaluation: str = "test",
 ) -> ReportResult:
     """Tables, paired tests and figures of every finished run of ``runs_dir``, written into ``output_dir``.
 
@@ -421,6 +443,9 @@ def build_report(
         n_resamples: bootstrap resamples of the confidence intervals.
         seed: seed of the bootstrap.
         only: report only these run ids (e.g. the runs of one grid sharing a runs folder with others).
+        evaluation: the folder under each ``RUN/eval/`` whose metrics are reported: ``test`` (the
+            run's own test split), or e.g. an external test set written by ``mkd evaluate --output
+            RUN/eval/NAME``; the tables then say which.
 
     Returns:
         A :class:`ReportResult`.
@@ -436,15 +461,15 @@ def build_report(
     output_dir = Path(output_dir) if output_dir is not None else runs_dir / "report"
     if runs_dir.is_dir():
         check_report_output(runs_dir, output_dir)
-    runs = collect_runs(runs_dir)
-    left_out = left_out_runs(runs_dir)
+    runs = collect_runs(runs_dir, evaluation)
+    left_out = left_out_runs(runs_dir, evaluation)
     if only is not None:
         runs = runs[runs["run_id"].isin(set(only))].reset_index(drop=True)
         left_out = {k: v for k, v in left_out.items() if k in set(only)}
     if runs.empty:
         why = f"; left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}" if left_out else ""
         raise MkdError(
-            f"{runs_dir}: no finished runs (a run is a folder with run.json and eval/test/summary.json){why}"
+            f"{runs_dir}: no finished runs (a run is a folder with run.json and eval/{evaluation}/summary.json){why}"
         )
     notes: list[str] = []
     missing = runs.loc[runs["baseline_run"].notna() & runs["baseline"].isna(), "baseline_run"].unique()
@@ -537,6 +562,9 @@ def build_report(
         page = [f"# Report of {runs_dir.resolve()}", "",
                 f"{len(runs)} finished runs, {len(order)} methods, seeds {seeds}"
                 f"{f'; {len(left_out)} run(s) left out (see below)' if left_out else ''}.", "",
+                *([f"Test metrics from each run's `eval/{evaluation}/` (its evaluation named {evaluation!r}, "
+                   f"data {', '.join(sorted(_recorded_data(runs)))}), not its own test split.", ""]
+                  if evaluation != "test" else []),
                 "## Pooled test metrics (as the thesis)", "", markdown,
                 "## Per-volume test metrics (MSD convention)", "", volume_md]  # fmt: skip
         if gap_md:
@@ -554,6 +582,11 @@ def build_report(
             page += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
         text("report.md", "report.md", "\n".join(page))
     return ReportResult(output_dir, runs, frames, markdown, files, notes, left_out)
+
+
+def _recorded_data(runs: pd.DataFrame) -> set[str]:
+    """The prepared datasets recorded in the runs' evaluations (``summary.json`` ``data``)."""
+    return {str(_read_json(Path(d) / "summary.json").get("data") or "?") for d in runs["eval_dir"]}
 
 
 def _gap_display(gap: pd.DataFrame) -> pd.DataFrame:
@@ -664,32 +697,30 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _predict(checkpoint: Path, items: list[dict], display: Sequence[int], device, recon: bool = False):
-    """Run a checkpoint on ``items`` at its training size; probabilities (and reconstruction) at ``display`` size."""
+    """Run a checkpoint on ``items`` at its training size; probabilities at ``display`` size, reconstruction, input.
+
+    Raises:
+        MkdError: the network's output is NaN or infinite (as ``mkd evaluate``).
+    """
     import torch
     import torch.nn.functional as F
 
     from mkd.data.transforms import slice_transform
-    from mkd.networks import CheckpointRecord, FeatureRecorder, load_network
+    from mkd.inference.predictor import predict_slices
+    from mkd.networks import CheckpointRecord, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
     model.to(device).eval()
     size = list(CheckpointRecord.from_checkpoint(ckpt).image_size or display)
     transform = slice_transform(size)
     batch = [transform(dict(d)) for d in items]
-    images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).to(device)
-    recorder = FeatureRecorder(model, ["recon"], detach=True) if recon else None
-    with torch.no_grad():
-        if recorder is not None:
-            with recorder.recording():
-                logits = model(images)
-            rec = recorder.features["recon"].float().clamp(0, 1).cpu()
-            recorder.close()
-        else:
-            logits, rec = model(images), None
-    prob = torch.sigmoid(logits.float()).cpu()
+    images = torch.stack([torch.as_tensor(b["image"]) for b in batch])
+    where = f"test slices of {', '.join(sorted({str(d['patient']) for d in items}))}"
+    out = predict_slices(model, images, None, len(images), device, checkpoint, where=where, recon=recon)
+    prob = out.probs
     if list(prob.shape[-2:]) != list(display):
         prob = F.interpolate(prob, size=list(display), mode="nearest")
-    return prob, rec, images.cpu()
+    return prob, None if out.recon is None else out.recon.cpu(), images
 
 
 def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_dir, device) -> None:
@@ -699,7 +730,7 @@ def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_di
     from mkd.reports.figures import plot_qualitative, plot_reconstructions
 
     if data_dir is None:
-        recorded = [_read_json(Path(d) / "eval" / "test" / "summary.json").get("data") for d in runs["run_dir"]]
+        recorded = [_read_json(Path(d) / "summary.json").get("data") for d in runs["eval_dir"]]
         data_dir = next((d for d in recorded if d and Path(d).is_dir()), None)
         if data_dir is None:
             notes.append("qualitative panels skipped: the prepared dataset recorded in the evaluations is not "
@@ -731,7 +762,7 @@ def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_di
             base = first(b, kd["seed"]) if kd is not None else None
             if kd is None or base is None:
                 continue
-            size = list(_read_json(Path(base["run_dir"]) / "eval" / "test" / "summary.json").get("image_size")
+            size = list(_read_json(Path(base["eval_dir"]) / "summary.json").get("image_size")
                         or [64, 64])  # fmt: skip
             ground = [slice_transform(size)(dict(d)) for d in items]
             images = torch.stack([torch.as_tensor(g["image"]) for g in ground])

@@ -220,7 +220,7 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_prepared, tmp_
         run_bundle("student", tmp_path / "z", tiny_prepared, resume=True)
     assert str(err.value) == (
         f"{models / 'checkpoint_epoch=1.pt'}: truncated or not a checkpoint (was the run killed while writing it?) "
-        "and no earlier complete checkpoint_epoch=N.pt to resume from; start the run again with --overwrite"
+        "and no earlier complete checkpoint_epoch=N.pt to resume from; start the run again with `overwrite=True`"
     )  # not "run without --resume", which asked for --resume or --overwrite: a circle (issue 12, case 5)
 
 
@@ -529,7 +529,7 @@ def test_a_set_value_of_the_wrong_type_is_one_line_before_any_file(tiny_prepared
         return
     with pytest.raises(MkdError) as err:
         run_bundle("student", tmp_path / "run", tiny_prepared, overrides={key: value})
-    assert str(err.value) == f"--set {problem}"
+    assert str(err.value) == f"`overrides` {problem}"  # `mkd student --set` says --set (tests/test_cli.py)
     assert not (tmp_path / "run").exists()
 
 
@@ -543,7 +543,7 @@ def test_setting_types_accept_what_the_bundle_can_use():
     check_setting_type("epoch_splits", None, ["training", "unlabelled"])  # null: one pass per epoch
     with pytest.raises(MkdError, match="epochs is an integer"):
         check_setting_type("epochs", None, 25)  # null is not a number of epochs
-    with pytest.raises(MkdError, match=r"--set pmd=1: pmd is true or false in the distill bundle \(false\), got"):
+    with pytest.raises(MkdError, match=r"`overrides` pmd=1: pmd is true or false in the distill bundle \(false\), got"):
         check_setting_type("pmd", 1, False, "distill")
 
 

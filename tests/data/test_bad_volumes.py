@@ -99,7 +99,7 @@ def test_spacing_checks_by_hand():
         check_spacing([1, 1])
     affine = np.diag([0.8, 0.8, 5.0, 1.0])
     check_resampled_size((512, 512, 100), affine, (0.5, 0.5, 1.0), "ct")  # 819x819x500 = 3.4e8: fine
-    with pytest.raises(InputError, match=r"ct: spacing 0.1,0.1,0 would resample this 512x512x100 volume to "
+    with pytest.raises(InputError, match=r"ct: `spacing=0.1,0.1,0` would resample this 512x512x100 volume to "
                                          r"4096x4096x100 = 1.68e\+09 voxels"):  # fmt: skip
         check_resampled_size((512, 512, 100), affine, (0.1, 0.1, 0), "ct", "spacing")
 

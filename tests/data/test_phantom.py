@@ -83,3 +83,18 @@ def test_cli_phantom_is_the_default(tmp_path):
     assert bad.exit_code == 2 and "only one of" in bad.output
     bad = CliRunner().invoke(cli, ["prepare", "--phantom", "--shape", "1,2", "--out", str(tmp_path / "e")])
     assert bad.exit_code == 2 and "expected 3 comma-separated numbers" in bad.output
+
+
+def test_find_task_writes_the_phantom_unless_a_task_is_named(tmp_path):
+    """What mkd prepare reads: the phantom by default, recorded as such in prepare.json's task."""
+    from mkd.data import find_task
+
+    ticks = []
+    task, info = find_task(root=tmp_path, cases=3, shape=(16, 16, 8), seed=2, progress=lambda *a: ticks.append(a))
+    assert task == tmp_path / "Task09_SpleenPhantom" and (task / "dataset.json").is_file()
+    assert info == {"source": "phantom", "phantom": {"cases": 3, "shape": [16, 16, 8], "seed": 2}}
+    assert ticks[-1][-1] == len(ticks)  # progress(done, total) once per volume
+    assert find_task(source=task) == (task, {"source": "source"})
+    with pytest.raises(MkdError) as err:
+        find_task(decathlon="Task09_Spleen", root=tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'Task09_Spleen'}: no such folder; pass `download=True`, or ")

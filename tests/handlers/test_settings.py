@@ -62,6 +62,7 @@ def test_nothing_given_is_the_default_recipe_as_measured():
         ({"scales": ["bottleneck"]}, "scales=['bottleneck']: expected a list of enc, bn, dec"),
         ({"neighbour_distance": -1}, "neighbour_distance=-1: expected an integer >= 0"),
         ({"pmd": 1}, "pmd=1: expected true or false"),
+        ({"pmd": "yes"}, "pmd='yes': expected true or false"),
         ({"temperature": "0.2"}, "temperature='0.2': expected a number"),
         ({"contrastive_mode": "pixels"}, "contrastive_mode='pixels': expected one of image, pixel, supervised"),
         ({"recipe": "best"}, "recipe='best': expected one of recommended, thesis, transfer, pseudo"),
@@ -72,6 +73,13 @@ def test_settings_that_do_not_hold_together_are_one_line_naming_them(given, mess
     with pytest.raises(SettingsError) as err:
         distillation_settings(**given)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_words_true_and_false_are_switches_as_the_bundle_cli_passes_them():
+    """``python -m monai.bundle run ... --pmd false`` hands over the word: it must turn PMD off, not on."""
+    assert distillation_settings(pmd="false")["pmd"] is False
+    assert distillation_settings(pmd="False", transfer="TRUE")["transfer"] is True
+    assert distillation_settings(pmd="false").weights.get("pmd", 0) == 0
 
 
 def test_a_default_the_run_does_not_use_is_simply_not_used():

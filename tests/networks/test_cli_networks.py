@@ -29,3 +29,19 @@ def test_networks_options_and_errors():
     assert result.exit_code == 0 and "64 x 64x64" in result.output  # bottleneck 64 at stride 4
     result = runner.invoke(cli, ["networks", "--features", "a,b"])
     assert result.exit_code == 2 and "--features" in result.output
+
+
+def test_network_table_from_python():
+    """The table mkd networks prints is mkd.networks.network_table; a network it cannot build names itself."""
+    import pytest
+
+    from mkd.errors import MkdError
+    from mkd.networks import network_table
+
+    lines = network_table(["s1", "s2"], "tiny", 32)
+    assert lines[0] == "preset tiny, input 3 x 32x32; feature shapes are channels x spatial"
+    assert lines[1].split() == ["network", "params", "output", "enc", "bn", "dec", "recon"]
+    assert set(lines[2]) == {"-", " "} and [line.split()[0] for line in lines[3:]] == ["s1", "s2"]
+    assert lines[3].split()[3:5] == ["1", "x"]  # output: one channel, 32x32
+    with pytest.raises(MkdError, match=r"^unet: input spatial size \(8, 8\) is too small"):
+        network_table(["unet"], "thesis", 8)

@@ -162,6 +162,45 @@ def test_report_cli_prints_the_table(fake_runs):
     assert res.exit_code == 1 and "runs folder not found" in res.output
 
 
+def test_report_of_an_external_evaluation_reads_eval_name_not_the_test_split(fake_runs, tmp_path):
+    """``--evaluation NAME``: each run's ``eval/NAME/`` (an external test set), its numbers, not ``eval/test``."""
+    ext_dice = {"S1": (0.50, 0.52, 0.54), "KD(T1,S1) B": (0.60, 0.62, 0.64), "KD(T1,S1) E": (0.51, 0.53, 0.55)}
+    for method, values in ext_dice.items():
+        for seed in SEEDS:
+            if method == "KD(T1,S1) E" and seed == 2:
+                continue  # not evaluated on the external set: left out, and said so
+            d = fake_runs / f"{IDS[method]}-seed{seed}"
+            (d / "eval" / "external").mkdir()
+            summary = json.loads((d / "eval" / "test" / "summary.json").read_text())
+            summary["pooled"]["dice"] = values[seed]
+            summary["data"] = str(tmp_path / "external_data")
+            (d / "eval" / "external" / "summary.json").write_text(json.dumps(summary))
+            pv = pd.read_csv(d / "eval" / "test" / "per_volume.csv")
+            pv["dice"] = [values[seed] - 0.1 * i for i in range(len(pv))]
+            pv.to_csv(d / "eval" / "external" / "per_volume.csv", index=False)
+    result = build_report(fake_runs, tmp_path / "ext", evaluation="external", figures=False, n_resamples=200)
+    s = result.frames["summary"].set_index("method")
+    assert s.loc["KD(T1,S1) B", "dice_mean"] == pytest.approx(0.62)
+    assert s.loc["KD(T1,S1) E", "n_seeds"] == 2 and s.loc["KD(T1,S1) E", "dice_mean"] == pytest.approx(0.52)
+    assert result.left_out == {
+        "distill-s1-t1-enc-contrastive-f0.5-seed2":
+            "no eval/external/summary.json (mkd evaluate --output RUN/eval/external writes it)",
+        "half-finished": "training not finished (no models/model.pt)",
+    }  # fmt: skip
+    # volume pairs come from eval/external/per_volume.csv: KD B - S1 is +0.10 on every volume
+    vsig = result.frames["significance_volumes"].set_index(["method", "metric"])
+    assert vsig.loc[("KD(T1,S1) B", "dice"), "mean_diff"] == pytest.approx(0.10)
+    page = (tmp_path / "ext" / "report.md").read_text()
+    assert f"eval/external/` (its evaluation named 'external', data {tmp_path / 'external_data'})" in page
+    # the default is still the run's own test split
+    assert build_report(fake_runs, tmp_path / "own", figures=False, n_resamples=200).frames["summary"].set_index(
+        "method"
+    ).loc["KD(T1,S1) B", "dice_mean"] == pytest.approx((0.76 + 0.77 + 0.81) / 3)
+    res = CliRunner().invoke(cli, ["report", str(fake_runs), "--evaluation", "../test", "--no-figures"])
+    assert res.exit_code == 1
+    assert "Error: --evaluation '../test': expected the name of one folder under RUN/eval/" in res.output
+
+
 def test_report_of_one_grid_in_a_shared_runs_folder(fake_runs, tmp_path):
     """``only`` (``mkd report --grid``) keeps the listed runs: here seed 2 of every method is left out."""
     keep = [f"{IDS[m]}-seed{s}" for m in DICE for s in (0, 1)]
@@ -241,3 +280,30 @@ def test_the_end_of_a_validation_curve_says_whether_training_converged(tmp_path)
     table = convergence_table(runs)
     assert table["method"].tolist() == ["S1", "KD"] and table["best epoch"].tolist() == ["14, 15", "13"]
     assert table.iloc[0]["val Dice, last 3 epochs - 3 before"] == "+0.0020 ± 0.0014"
+
+
+def test_the_panels_refuse_a_network_whose_output_is_not_finite_as_evaluate_does(tiny_prepared, tmp_path):
+    """The qualitative panels drew a diverged network's NaN output as an empty mask; mkd evaluate refused it."""
+    import re
+
+    import torch
+
+    from mkd.networks import build, save_checkpoint
+    from mkd.reports.report import _pick_slices, _predict
+
+    torch.manual_seed(0)
+    net = build("s1")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1e30)  # finite weights (load_network accepts them), an overflowing output
+    ckpt = save_checkpoint(tmp_path / "big.pt", net, run={"image_size": [32, 32]})
+    items = _pick_slices(tiny_prepared, 2)
+    with pytest.raises(MkdError) as err:
+        _predict(ckpt, items, [64, 64], "cpu")
+    patients = ", ".join(sorted({d["patient"] for d in items}))
+    assert re.fullmatch(
+        rf"{re.escape(str(ckpt))}: the network's output holds \d+ NaN or infinite value\(s\) of {2 * 32 * 32} "
+        rf"\(test slices of {patients}\); its weights are broken \(a diverged run\?\): retrain it or use an "
+        "earlier checkpoint",
+        str(err.value),
+    ), str(err.value)
