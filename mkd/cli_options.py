@@ -90,6 +90,7 @@ PARAMETER_FLAGS: dict[str, str] = {
     "spacing": "--spacing",
     "channels": "--channels",
     "keep": "--keep",
+    "window": "--window",
     "margin": "--margin",
     "size": "--size",
     "label_value": "--label-value",
@@ -169,9 +170,13 @@ class _EngineErrorFilter(logging.Filter):
 
     They are logged while the exception propagates out of a training engine; when it is an
     :class:`MkdError` or a full disk / permission problem, the command's one ``Error:`` line says it all.
+    It also writes the parameters that mkd's own log records name (`` `threads=8` ``) as flags (:func:`as_flags`).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("mkd") and "`" in str(record.msg):
+            # the library's warnings name parameters (`threads=8`); on the command line they read as flags
+            record.msg, record.args = as_flags(record.getMessage()), None
         if record.levelno < logging.ERROR or not record.name.startswith(("ignite", "monai")):
             return True
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]

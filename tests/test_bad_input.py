@@ -103,6 +103,33 @@ def test_a_network_with_nan_output_stops_instead_of_writing_an_empty_mask(ct, tm
     assert not (tmp_path / "mask.nii.gz").exists()
 
 
+def test_segment_to_file_with_overwrite_never_replaces_a_ct_or_its_input(s1_ckpt, ct, tmp_path):
+    """The Python path checked less than mkd infer: ``overwrite=True`` replaced any file, a CT included."""
+    import nibabel as nib
+
+    from mkd.inference import Segmenter
+
+    seg = Segmenter(s1_ckpt, device="cpu", backend="torch")
+    other_ct = tmp_path / "other_ct.nii.gz"
+    other_ct.write_bytes(Path(ct).read_bytes())
+    before = other_ct.read_bytes()
+    with pytest.raises(MkdError) as err:
+        seg.segment_to_file(ct, other_ct, overwrite=True)
+    dtype = nib.load(str(other_ct)).get_data_dtype()
+    assert str(err.value) == (
+        f"{other_ct}: is a {dtype} NIfTI (a CT?), not a uint8 mask written by mkd infer; `overwrite=True` replaces "
+        "only masks: give `output` another name"
+    )
+    assert other_ct.read_bytes() == before
+    with pytest.raises(MkdError) as err:
+        seg.segment_to_file(ct, ct, overwrite=True)
+    assert str(err.value) == (
+        f"{ct}: is the `input` volume; the mask would replace the CT: give `output` another file name"
+    )
+    assert seg.segment_to_file(ct, tmp_path / "mask.nii.gz").mask.dtype.kind in "ub"  # a mask is still written
+    assert seg.segment_to_file(ct, tmp_path / "mask.nii.gz", overwrite=True).mask is not None  # and replaced
+
+
 def test_a_checkpoint_with_nan_weights_is_refused_by_infer(ct, tmp_path):
     """mkd infer wrote an empty mask (exit 0) from a checkpoint with NaN weights."""
     ckpt = _nan_checkpoint(tmp_path / "nan.pt", run={"image_size": [16, 16]})

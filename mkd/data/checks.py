@@ -119,7 +119,7 @@ def warn_if_not_ct(data: torch.Tensor | np.ndarray, path: str | os.PathLike | No
     if not reasons:
         return False
     logger.warning(
-        "%s: intensities %g..%g do not look like CT in HU (%s); check the modality and the window (--window)",
+        "%s: intensities %g..%g do not look like CT in HU (%s); check the modality and the window (`window`)",
         path, lo, hi, ", ".join(reasons),
     )  # fmt: skip
     return True

@@ -390,7 +390,7 @@ def prepare_dataset(
             label_fg_total += int(fg_per_z.sum())
             rows = _keep_rows(fg_per_z, keep if name == "training" else "all", margin)
             if len(rows) == 0:
-                logger.warning("%s: no foreground slice; nothing kept with --keep organ", pid)
+                logger.warning("%s: no foreground slice; nothing kept with `keep=organ`", pid)
             else:
                 img = volume_to_slices(image, channels, rows)
                 check_finite(img, case.image, "slice value")  # no NaN ever reaches a slice file

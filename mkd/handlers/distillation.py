@@ -286,8 +286,8 @@ def distillation_terms(
     if _FEATURES not in getattr(feature_loss, "inputs", (_FEATURES,)):
         raise ValueError(
             f"loss={loss!r} ({feature_loss.__name__}) compares predictions, not feature scales; declare it as a "
-            f'term on the logits instead: --set \'terms={{"{loss}": {{"input": "logits", "loss": "{loss}", '
-            f'"weight": 1.0}}}}\'.'
+            f'term on the logits instead, in the setting `terms`: {{"{loss}": {{"input": "logits", "loss": "{loss}", '
+            f'"weight": 1.0}}}}.'
         )
     settings = {"temperature": temperature, "mode": mode, "symmetric": symmetric, "max_samples": max_samples,
                 "neighbour_distance": neighbour_distance}  # fmt: skip
@@ -333,7 +333,7 @@ def load_teacher(
     from mkd.networks import STUDENTS, CheckpointRecord, checkpoint_role, load_network
 
     if not os.path.isfile(path):
-        raise InputError(path, "teacher checkpoint not found; train one with `mkd teacher` (or pass --teacher)")
+        raise InputError(path, "teacher checkpoint not found; train one with `mkd teacher` (or pass `teacher_ckpt`)")
     teacher, ckpt = load_network(path, map_location="cpu")
     role = checkpoint_role(ckpt)
     if role is None:
@@ -343,7 +343,7 @@ def load_teacher(
     if role != "teacher" and not allow_student:
         raise InputError(
             path, f"is a {role} checkpoint ({teacher.network_name!r}), not a teacher; pass a checkpoint of "
-            "`mkd teacher`, or --allow-student-teacher to distil from it on purpose"
+            "`mkd teacher`, or `allow_student_teacher=True` to distil from it on purpose"
         )  # fmt: skip
     trained = CheckpointRecord.from_checkpoint(ckpt).image_size
     if image_size is not None and trained is not None and list(trained) != list(image_size):

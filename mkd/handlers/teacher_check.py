@@ -172,7 +172,7 @@ class TeacherCheck:
                 self._warn(
                     f"the teacher is no better than the student it is meant to teach: validation pooled Dice "
                     f"{teacher['dice']:.3f} (teacher) vs {base['dice']:.3f} (baseline {self.baseline_ckpt}); "
-                    "train the teacher longer (mkd teacher --set early_stop_patience=N) before distilling"
+                    "train the teacher longer (a larger `early_stop_patience`) before distilling"
                 )
         if self.reference_ckpt is not None:
             ref = self._measure("reference", self.reference_ckpt)

@@ -36,7 +36,7 @@ from mkd.inference.geometry import invert, preprocess
 from mkd.inference.io import (
     Volume,
     check_folder_job,
-    check_mask_path,
+    check_mask_output,
     load_volume,
     mask_bytes,
     save_mask,
@@ -255,7 +255,7 @@ class Segmenter:
             raise ValueError(f"threads must be >= 1, got {threads}")
         cores = os.cpu_count() or 1
         if self.threads > cores:
-            logger.warning("--threads %d is more than the %d CPU cores of this machine; the network runs no faster "
+            logger.warning("`threads=%d` is more than the %d CPU cores of this machine; the network runs no faster "
                            "(often slower) with more threads than cores", self.threads, cores)  # fmt: skip
         self.backend_name = resolve_backend(backend, self.device)
         if quantize not in (None, "int8"):
@@ -266,7 +266,7 @@ class Segmenter:
             name = self.record.arch
             if name not in STUDENTS:
                 raise MkdError(
-                    f"{self.checkpoint_path or 'network'}: --quantize int8 is for students ({', '.join(STUDENTS)}); "
+                    f"{self.checkpoint_path or 'network'}: `quantize=int8` is for students ({', '.join(STUDENTS)}); "
                     f"this is {name or type(self.model).__name__!r}"
                 )
             if self.backend_name != "onnxruntime":
@@ -287,8 +287,8 @@ class Segmenter:
         if quantize is not None:
             if calibration is None:
                 raise MkdError(
-                    "--quantize int8 needs calibration slices: pass --data (the prepared training data) "
-                    "or --calibration DIR"
+                    "`quantize=int8` needs calibration slices: pass `data_dir` (the prepared training data) "
+                    "or `calibration` (a folder of them)"
                 )
             split = self.record.train_split or CALIBRATION_SPLIT
             extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split}
@@ -373,18 +373,17 @@ class Segmenter:
     ) -> InferenceResult:
         """Segment ``input`` and write the mask to ``output`` (NIfTI, atomically).
 
-        Raises:
-            InputError: bad input, output not ``.nii``/``.nii.gz``, or output exists without ``overwrite``.
-        """
-        from mkd.utils import check_free_space, check_writable
+        ``overwrite`` replaces a mask (a uint8 NIfTI), never the input or another file
+        (:func:`mkd.inference.io.check_mask_output`).
 
-        output = Path(output)
-        check_mask_path(output)
-        if output.exists() and not overwrite:
-            raise MkdError(f"{output}: output already exists; pass --overwrite to replace it")
-        if Path(input).resolve() == output.resolve():
-            raise InputError(output, "output would overwrite the input")
-        check_writable(output.parent, "mask")  # before the work, not after segmenting the whole volume
+        Raises:
+            InputError: bad input; ``output`` is the input, not ``.nii``/``.nii.gz``, or an existing file that is
+                not a mask; ``output`` exists without ``overwrite``.
+        """
+        from mkd.utils import check_free_space
+
+        # before the work, not after segmenting the whole volume: never the input, never a file that is not a mask
+        output = check_mask_output(input, output, overwrite)
         t0 = time.perf_counter()
         vol = load_volume(input)
         check_free_space(output.parent, mask_bytes(vol.shape, output), "mask")

@@ -374,20 +374,20 @@ def check_report_output(runs_dir: str | os.PathLike, output_dir: str | os.PathLi
     runs_real, out_real = runs_dir.resolve(), output_dir.resolve()
     if is_within(runs_real, out_real):
         what = "is the runs folder" if runs_real == out_real else f"holds the runs folder {runs_real}"
-        raise MkdError(f"{output_dir}: {what}; a report never replaces it: give --output a new folder "
+        raise MkdError(f"{output_dir}: {what}; a report never replaces it: give `output_dir` a new folder "
                        "(default: RUNS/report)")  # fmt: skip
     for parent in [out_real, *out_real.parents]:
         if parent == runs_real:
             break
         if (parent / "run.json").is_file():
             raise MkdError(f"{output_dir}: is inside the run {parent}; a report never writes into a run: give "
-                           "--output a new folder (default: RUNS/report)")  # fmt: skip
+                           "`output_dir` a new folder (default: RUNS/report)")  # fmt: skip
     if output_dir.is_dir() and not output_dir.is_symlink():
         held = sorted(p.name for p in output_dir.iterdir() if (p / "run.json").is_file())
         if held:
             names = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-            raise MkdError(f"{output_dir}: holds run folders ({names}); a report never replaces them: give --output "
-                           "a new folder (default: RUNS/report)")  # fmt: skip
+            raise MkdError(f"{output_dir}: holds run folders ({names}); a report never replaces them: give "
+                           "`output_dir` a new folder (default: RUNS/report)")  # fmt: skip
     check_replaceable(output_dir, ("report",), keep={"runs folder": runs_dir}, legacy=_legacy_report,
                       by="mkd report")  # fmt: skip
 
@@ -477,7 +477,7 @@ def build_report(
         notes.append(f"baseline run(s) not finished, those methods have no % change: {', '.join(missing)}")
     if baseline is not None:
         if baseline not in set(runs["method"]):
-            raise MkdError(f"--baseline {baseline!r} is not a method of the runs; methods: "
+            raise MkdError(f"`baseline` {baseline!r} is not a method of the runs; methods: "
                            f"{', '.join(dict.fromkeys(runs['method']))}")  # fmt: skip
         side = (runs["kind"] != "teacher") & (runs["method"] != baseline)
         runs.loc[side, "baseline"] = baseline
@@ -657,7 +657,7 @@ def _figures(runs, summary, volume, tmp, output_dir, files, notes, qualitative, 
         except (MkdError, OSError, ValueError, KeyError) as err:
             notes.append(f"qualitative panels skipped: {err}")
     else:
-        notes.append("qualitative panels and teacher reconstructions skipped (--no-qualitative)")
+        notes.append("qualitative panels and teacher reconstructions skipped (`qualitative=False`)")
 
 
 def _pick_slices(data_dir: Path, n: int) -> list[dict]:
@@ -734,7 +734,7 @@ def _qualitative(runs, summary, tmp, output_dir, files, notes, n_slices, data_di
         data_dir = next((d for d in recorded if d and Path(d).is_dir()), None)
         if data_dir is None:
             notes.append("qualitative panels skipped: the prepared dataset recorded in the evaluations is not "
-                         "there (pass --data)")  # fmt: skip
+                         "there (pass `data_dir`)")  # fmt: skip
             return
     data_dir = Path(data_dir)
     ckpt_of = {r.run_id: Path(r.run_dir) / "models" / "model.pt" for r in runs.itertuples(index=False)}

@@ -632,7 +632,8 @@ def test_a_new_kd_loss_is_one_class_and_one_config_entry(tiny_prepared, tmp_path
     run_bundle("distill", tmp_path / "d", tiny_prepared, overrides=overrides)
     df = pd.read_csv(tmp_path / "d" / "metrics.csv")
     assert (df["train_cosine_bn"] > 0).all() and (df["train_contrastive_bn"] > 0).all()
-    w = {"seg": 1.0, "contrastive_bn": 0.2, "cosine_bn": 0.5}  # the recommended recipe's seg and bn weights
+    # the recommended recipe runs B+PMD as it was measured: its seg, bn and pmd weights, plus the new term
+    w = {"seg": 1.0, "contrastive_bn": 0.2, "pmd": 1.0, "cosine_bn": 0.5}
     assert (df["train_loss"] - sum(v * df[f"train_{k}"] for k, v in w.items())).abs().max() < 1e-4
 
 

@@ -254,8 +254,8 @@ def test_a_checkpoint_that_is_not_a_teacher_is_refused_as_teacher(tmp_path, capl
         load_teacher(student)
     assert str(err.value) == (
         f"{student}: is a student checkpoint ('s1'), not a teacher; pass a checkpoint of `mkd teacher`, "
-        "or --allow-student-teacher to distil from it on purpose"
-    )
+        "or `allow_student_teacher=True` to distil from it on purpose"
+    )  # the CLI writes it as --allow-student-teacher (mkd.cli_options.as_flags)
     assert load_teacher(student, allow_student=True).network_name == "s1"  # on purpose
     # written before roles were recorded: the bundle names the role; no metadata: the architecture does
     old_distilled = save_checkpoint(tmp_path / "d.pt", build("s1"), run={"bundle": "distill"})
