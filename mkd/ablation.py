@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mkd.bundle import BUNDLES
+from mkd.bundle import BUNDLES, TRAIN_SPLITS
 from mkd.bundle import PROFILES as BUNDLE_PROFILES
 from mkd.errors import ExpressionError, InputError, LockedError, MkdError
 
@@ -70,9 +70,8 @@ SCALE_LETTERS = {"bn": "B", "enc": "E", "dec": "D"}
 #: data) teaches a fresh student, on the same terms as a teacher would: the control that
 #: separates "the teacher knows more" from "more images" (docs/distill.md).
 SELF = "self"
-#: data fraction -> datalist split: 0.5 is the prepared ``student`` list (its share is
-#: ``mkd prepare --student-fraction``), 1.0 all training patients.
-FRACTIONS = {0.5: "student", 1.0: "training"}
+#: data fraction -> datalist split (:data:`mkd.bundle.TRAIN_SPLITS`)
+FRACTIONS = TRAIN_SPLITS
 PROFILES = BUNDLE_PROFILES
 #: the largest grid file read (a grid is a page of YAML; this stops a file built to exhaust memory)
 GRID_MAX_BYTES = 1 << 20

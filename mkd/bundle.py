@@ -33,6 +33,7 @@ __all__ = [
     "BUNDLES",
     "ROLES",
     "PROFILES",
+    "TRAIN_SPLITS",
     "bundles_dir",
     "bundle_dir",
     "bundle_configs",
@@ -64,6 +65,9 @@ ROLES = ("teacher", "student", "distill")
 BUNDLES = ROLES
 #: the profiles: ``configs/profile_NAME.json``, or ``profile_NAME_ROLE.json`` where a role has its own
 PROFILES = ("cpu", "thesis")
+#: a student's data fraction -> its datalist split (``train_split``): 0.5 is the prepared ``student`` list (its
+#: share is ``mkd prepare --student-fraction``), 1.0 all training patients. ``mkd student`` and the grids use it.
+TRAIN_SPLITS = {0.5: "student", 1.0: "training"}
 #: the bundle's folder name in :func:`bundles_dir`
 BUNDLE = "mkd"
 #: the validation metric every bundle selects ``models/model.pt`` on (and the teacher stops early on):

@@ -15,7 +15,7 @@ import sys
 import click
 
 from mkd import __version__
-from mkd.bundle import PROFILES, ROLES
+from mkd.bundle import PROFILES, ROLES, TRAIN_SPLITS
 from mkd.cli_options import ONE_LINE_ERRORS as _ONE_LINE_ERRORS
 from mkd.cli_options import (
     OPTIMIZERS,
@@ -234,7 +234,7 @@ def teacher(arch, lambda_rec, **kwargs):
 
 def _student_overrides(data_fraction: str, optimizer: str, lr: float | None) -> dict:
     overrides: dict = {
-        "train_split": "student" if data_fraction == "0.5" else "training",
+        "train_split": TRAIN_SPLITS[float(data_fraction)],
         "optimizer#_target_": OPTIMIZERS[optimizer],
     }
     if lr is not None:
