@@ -735,6 +735,7 @@ def test_int8_quantised_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
 
     from mkd.data import load_split, slice_transform
     from mkd.evaluation import evaluate_checkpoint
+    from mkd.export import INT8_RECIPE
 
     torch.manual_seed(0)
     model = build("s1")
@@ -752,8 +753,15 @@ def test_int8_quantised_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
     int8 = Segmenter(ckpt, data_dir=tiny_prepared, device="cpu", backend="onnxruntime", quantize="int8", threads=1)
     assert int8.describe().startswith("onnxruntime (CPU, int8, 1 threads, graph ")
     assert read_metadata(int8.backend.path)["cache"]["calibration_split"] == "student"
-    ops = {n.op_type for n in onnx.load(str(int8.backend.path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(int8.backend.path)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    # the recipe: the first and the last convolution stay fp32 (their weights are float initialisers, not the
+    # output of a DequantizeLinear), the ones between run int8
+    assert read_metadata(int8.backend.path)["cache"]["int8_recipe"] == INT8_RECIPE
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    weights_int8 = [c.input[1] in dequantized for c in convs]
+    assert weights_int8[0] is False and weights_int8[-1] is False and all(weights_int8[1:-1]), weights_int8
     dice = {
         name: evaluate_checkpoint(ckpt, tiny_prepared, runner=seg.backend).summary["pooled"]["dice"]
         for name, seg in (("fp32", fp32), ("int8", int8))

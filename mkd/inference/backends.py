@@ -149,7 +149,7 @@ class OnnxRuntimeBackend:
 
 
 def calibration_slices(
-    source: str | os.PathLike, settings: InferenceSettings, split: str = CALIBRATION_SPLIT, n: int = 64
+    source: str | os.PathLike, settings: InferenceSettings, split: str = CALIBRATION_SPLIT, n: int = 256
 ) -> np.ndarray:
     """Network-input slices ``(n, 3, H, W)`` for int8 calibration, evenly spread over ``source``.
 

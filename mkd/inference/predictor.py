@@ -280,7 +280,7 @@ class Segmenter:
 
     def _onnx_graph(self, quantize: str | None, calibration: Any) -> Path:
         """The (cached) ONNX graph for this network at the input size, int8 when ``quantize``."""
-        from mkd.export import cached_onnx, export_model, quantize_int8
+        from mkd.export import INT8_RECIPE, cached_onnx, export_model, quantize_int8
 
         size = tuple(self.settings.image_size)
         build_variant, extra = None, None
@@ -291,10 +291,11 @@ class Segmenter:
                     "or `calibration` (a folder of them)"
                 )
             split = self.record.train_split or CALIBRATION_SPLIT
-            extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split}
+            extra = {"calibration": str(Path(calibration).resolve()), "calibration_split": split,
+                     "int8_recipe": INT8_RECIPE}  # fmt: skip
 
             def build_variant(fp32: Path, out: Path) -> None:
-                slices = calibration_slices(calibration, self.settings, split=split)
+                slices = calibration_slices(calibration, self.settings, split=split, n=INT8_RECIPE["slices"])
                 quantize_int8(fp32, out, slices, batch_size=min(self.batch_size, 16))
 
         if self.checkpoint_path is None:  # a built network: export into a private temporary folder
