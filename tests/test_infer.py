@@ -168,16 +168,11 @@ def test_lps_copy_gives_the_flipped_mask(tmp_path):
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), m_lps)
 
 
-@needs_sample
-def test_dicom_series_folder_gives_the_same_mask_as_the_nifti(tmp_path):
-    """A DICOM series (written slice by slice with ITK/GDCM, LPS positions) read with MONAI's ITKReader."""
-    itk = pytest.importorskip("itk")
-    img = nib.load(SAMPLE / "ct_30slices.nii.gz")
-    arr = np.asarray(img.dataobj)[:, :, :6].astype(np.int16)
-    affine = img.affine.copy()
-    nib.save(nib.Nifti1Image(arr, affine), tmp_path / "ct6.nii.gz")
-    series = tmp_path / "series"
-    series.mkdir()
+def write_dicom_series(arr: np.ndarray, affine: np.ndarray, series: Path) -> Path:
+    """A CT series written slice by slice with ITK/GDCM (LPS positions) from a RAS volume (X, Y, Z) and its affine."""
+    import itk
+
+    series.mkdir(parents=True)
     for k in range(arr.shape[2]):
         sl = itk.image_from_array(np.ascontiguousarray(arr[:, :, k].T))
         sl.SetSpacing([float(affine[0, 0]), float(affine[1, 1])])
@@ -192,6 +187,18 @@ def test_dicom_series_folder_gives_the_same_mask_as_the_nifti(tmp_path):
         io = itk.GDCMImageIO.New()
         io.KeepOriginalUIDOn()
         itk.ImageFileWriter[type(sl)].New(Input=sl, FileName=str(series / f"IM{k:04d}.dcm"), ImageIO=io).Update()
+    return series
+
+
+@needs_sample
+def test_dicom_series_folder_gives_the_same_mask_as_the_nifti(tmp_path):
+    """A DICOM series (written slice by slice with ITK/GDCM, LPS positions) read with mkd's ITK series reader."""
+    pytest.importorskip("itk")
+    img = nib.load(SAMPLE / "ct_30slices.nii.gz")
+    arr = np.asarray(img.dataobj)[:, :, :6].astype(np.int16)
+    affine = img.affine.copy()
+    nib.save(nib.Nifti1Image(arr, affine), tmp_path / "ct6.nii.gz")
+    series = write_dicom_series(arr, affine, tmp_path / "series")
 
     seg = Segmenter(HUThreshold(), size=64, device="cpu")
     from_dicom = seg.segment_to_file(series, tmp_path / "dicom_mask.nii.gz")
@@ -201,6 +208,28 @@ def test_dicom_series_folder_gives_the_same_mask_as_the_nifti(tmp_path):
     np.testing.assert_allclose(out.affine, affine, atol=1e-3)
     assert from_nifti.mask.sum() > 100
     np.testing.assert_array_equal(from_dicom.mask, from_nifti.mask)
+
+
+@needs_sample
+def test_dicom_reader_gives_monai_itkreaders_volume_affine_and_metadata(tmp_path):
+    """The one-pass series reader against the former reader, MONAI's LoadImage(ITKReader): voxel for voxel."""
+    pytest.importorskip("itk")
+    from monai.transforms import LoadImage
+
+    img = nib.load(SAMPLE / "ct_30slices.nii.gz")
+    arr = np.asarray(img.dataobj)[:, :, :12].astype(np.int16)
+    series = write_dicom_series(arr, img.affine, tmp_path / "series")
+    vol = load_volume(series)
+    ref = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(series))
+    assert vol.data.dtype == ref.dtype == torch.float32
+    assert vol.data.is_contiguous()
+    assert torch.equal(vol.data.as_tensor(), ref.as_tensor())
+    np.testing.assert_allclose(vol.affine, np.asarray(ref.affine), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(vol.affine, img.affine, atol=1e-3)  # RAS, as written
+    assert set(vol.data.meta) == set(ref.meta)
+    for key in ("spacing", "original_affine", "affine", "spatial_shape", "space", "filename_or_obj"):
+        np.testing.assert_array_equal(np.asarray(vol.data.meta[key]), np.asarray(ref.meta[key]))
+    np.testing.assert_array_equal(vol.data.numpy(), arr.astype(np.float32))
 
 
 # --- settings, post-processing, a trained model -------------------------------------------------------

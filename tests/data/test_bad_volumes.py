@@ -209,3 +209,24 @@ def test_cli_infer_refuses_the_gapped_series_in_one_line(tmp_path):
     assert line.startswith(f"Error: {series}: uneven DICOM slice positions: expected a step of 1.5 mm, found steps "
                            "1.5, 3 mm; 1 slice position(s) missing (4.5 mm)")  # fmt: skip
     assert not out.exists()
+
+
+def test_dicom_series_with_slices_of_another_size_is_refused(tmp_path):
+    """A slice of another size is another series to GDCM's scan (rows / columns): refused in one line."""
+    from mkd.inference import load_volume
+
+    series = write_series(tmp_path / "series", [1.5 * i for i in range(4)])
+    write_series(tmp_path / "other", [6.0], shape=(10, 10))
+    (tmp_path / "other" / "IM0000.dcm").rename(series / "IM0004.dcm")
+    with pytest.raises(InputError) as err:
+        load_volume(series)
+    assert str(err.value) == f"{series}: holds 2 DICOM series; pass a folder with one series"
+
+
+def test_dicom_series_with_two_slices_at_one_position_is_refused(tmp_path):
+    from mkd.inference import load_volume
+
+    series = write_series(tmp_path / "series", [0.0, 1.5, 1.5, 3.0])
+    with pytest.raises(InputError) as err:
+        load_volume(series)
+    assert str(err.value).startswith(f"{series}: two DICOM slices lie at the same position (1.5 mm along the slice ")

@@ -265,3 +265,74 @@ def test_largest_component_filter_removes_a_far_island_and_its_hd95():
     plain = SegmentationAccumulator(spacing=(2.0, 1.0, 1.0))
     plain.update(pred, label, patients, zs)
     assert "hd95_lcc" not in plain.compute().per_volume.columns
+
+
+def _monai_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The former implementation of keep_largest_component: MONAI over the whole grid."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(mask).astype(np.uint8)
+    if not arr.any():
+        return arr
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)
+    return np.asarray(torch.as_tensor(keep(torch.as_tensor(arr)[None]))[0]).astype(np.uint8)
+
+
+def _lcc_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Masks with a known largest component: (mask, expected)."""
+    cases = {}
+    m = np.zeros((20, 18, 16), np.uint8)
+    m[2:8, 2:8, 2:8] = 1  # 216 voxels
+    m[12:15, 12:15, 10:13] = 1  # 27 voxels
+    cases["two blobs"] = (m, np.where(np.arange(20)[:, None, None] < 10, m, 0).astype(np.uint8))
+    m = np.zeros((12, 12, 12), np.uint8)
+    m[1:4, 1:4, 1:4] = 1  # 27 voxels
+    m[4:6, 4:6, 4:6] = 1  # 8 voxels touching the cube at one corner only: joined by 26-connectivity
+    m[9:11, 9:11, 1:9] = 1  # 32 voxels: the largest under 6-connectivity, not under 26 (27 + 8 = 35)
+    expected = m.copy()
+    expected[9:11, 9:11, 1:9] = 0
+    cases["corner contact"] = (m, expected)
+    cases["empty"] = (np.zeros((5, 6, 7), np.uint8), np.zeros((5, 6, 7), np.uint8))
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[1:3, 1:3, 1:3] = 1
+    m[6:8, 6:8, 6:8] = 1  # the same size: the one labelled last (first voxel last in C order) is kept
+    expected = m.copy()
+    expected[1:3, 1:3, 1:3] = 0
+    cases["tie"] = (m, expected)
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[0:4, 0:4, 0:4] = 1
+    m[7:9, 7:9, 7:9] = 1
+    m[5, 5, 5] = 2  # not foreground: kept as is, as MONAI does
+    expected = m.copy()
+    expected[7:9, 7:9, 7:9] = 0
+    cases["other values"] = (m, expected)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_lcc_cases()))
+def test_largest_component_matches_monai_on_known_masks(name):
+    mask, expected = _lcc_cases()[name]
+    out = keep_largest_component(mask)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out, _monai_largest_component(mask))
+    # 6-connectivity would have kept the long bar: the filter is 26-connected
+    if name == "corner contact":
+        from scipy import ndimage
+
+        labels, n = ndimage.label(mask)
+        assert n == 3
+
+
+def test_largest_component_matches_monai_on_random_masks():
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        from scipy import ndimage
+
+        noise = ndimage.gaussian_filter(rng.normal(size=(40, 36, 24)), 2.0)
+        mask = (noise > 0.05 + 0.02 * k).astype(np.uint8)
+        mask[:3] = 0  # the bounding box is smaller than the grid
+        np.testing.assert_array_equal(keep_largest_component(mask), _monai_largest_component(mask))
+        np.testing.assert_array_equal(
+            keep_largest_component(torch.as_tensor(mask.astype(bool))), _monai_largest_component(mask)
+        )

@@ -1,0 +1,151 @@
+"""DICOM series reading and the largest-component filter, the former route against the current one, in one run.
+
+Usage: python benchmarks/bench_dicom.py [--slices 150] [--size 512] [--reps 3]
+
+Writes the real CT sample (``tests/data/totalseg_example/ct_full.nii.gz``) resampled to
+``size x size x slices`` as a DICOM series (ITK/GDCM, int16, LPS positions) into a temporary
+folder, then times, median of ``--reps``: the former reader (GDCM scan, header pass of the slice
+check, MONAI ``LoadImage(reader="ITKReader")``, ``check_finite``) against
+:func:`mkd.inference.load_volume`, and MONAI's ``KeepLargestConnectedComponent`` over the whole
+grid against :func:`mkd.metrics.keep_largest_component` on the mask ``HU > 53.5`` (the body,
+a worst case for a bounding box). Prints a Markdown table and whether the results are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "totalseg_example" / "ct_full.nii.gz"
+
+
+def write_series(folder: Path, slices: int, size: int) -> np.ndarray:
+    """The sample resampled (trilinear) to (size, size, slices), written as a DICOM series; returns its RAS affine."""
+    import itk
+    import nibabel as nib
+    import torch
+    import torch.nn.functional as F
+
+    src = nib.load(str(SAMPLE))
+    vol = torch.as_tensor(np.asarray(src.dataobj, dtype=np.float32))[None, None]
+    arr = F.interpolate(vol, size=(size, size, slices), mode="trilinear", align_corners=False)[0, 0]
+    arr = arr.round().numpy().astype(np.int16)
+    zooms = np.asarray(src.header.get_zooms()[:3]) * np.asarray(src.shape[:3]) / np.asarray(arr.shape)
+    affine = src.affine.copy()
+    affine[:3, :3] = np.diag(zooms)
+    folder.mkdir(parents=True)
+    for k in range(slices):
+        sl = itk.image_from_array(np.ascontiguousarray(arr[:, :, k].T))
+        sl.SetSpacing([float(zooms[0]), float(zooms[1])])
+        meta = sl.GetMetaDataDictionary()
+        x, y, z = (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        meta["0020|0032"] = f"{-x:.4f}\\{-y:.4f}\\{z:.4f}"  # ImagePositionPatient, LPS
+        meta["0020|0037"] = "-1\\0\\0\\0\\-1\\0"
+        meta["0018|0050"] = f"{zooms[2]:g}"
+        meta["0020|0013"] = str(k + 1)
+        meta["0008|0060"] = "CT"
+        meta["0020|000e"] = "1.2.826.0.1.3680043.2.1125.1.4245"
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.ImageFileWriter[type(sl)].New(Input=sl, FileName=str(folder / f"IM{k:04d}.dcm"), ImageIO=io).Update()
+    return affine
+
+
+def old_reader(path: Path):
+    """The former ``load_volume`` for a DICOM folder: scan, header pass, MONAI LoadImage, checks."""
+    import itk
+    from monai.transforms import LoadImage
+
+    from mkd.data.checks import warn_if_not_ct
+    from mkd.inference.io import _check_slice_positions, _dicom_series_files
+
+    files = _dicom_series_files(path)
+    slices = []
+    for name in files:  # the former header pass
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(name)
+        io.ReadImageInformation()
+        slices.append(tuple(_io_numbers(io, tag) for tag in ("0020|0032", "0020|0037")))
+    _check_slice_positions(path, slices)
+    data = LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+    _old_check_finite(data)
+    warn_if_not_ct(data, path)
+    return data, np.asarray(data.affine, dtype=np.float64)
+
+
+def _io_numbers(io, tag: str):
+    found, text = io.GetValueFromTag(tag, "")
+    return [float(v) for v in str(text).strip().split("\\")] if found else None
+
+
+def _old_check_finite(data) -> None:
+    import torch
+
+    assert not bool((~torch.isfinite(torch.as_tensor(data))).any())
+
+
+def old_lcc(mask: np.ndarray) -> np.ndarray:
+    """The former ``keep_largest_component``: MONAI over the whole grid."""
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(mask).astype(np.uint8)
+    if not arr.any():
+        return arr
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)
+    return np.asarray(torch.as_tensor(keep(torch.as_tensor(arr)[None]))[0]).astype(np.uint8)
+
+
+def timed(fn, reps: int):
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=150)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per route (median; default 5)")
+    args = ap.parse_args(argv)
+
+    from mkd.inference import load_volume
+    from mkd.metrics import keep_largest_component
+    from mkd.utils import keep_locale
+
+    with tempfile.TemporaryDirectory() as tmp, keep_locale():
+        series = Path(tmp) / "series"
+        t0 = time.perf_counter()
+        write_series(series, args.slices, args.size)
+        print(f"wrote {args.slices} slices of {args.size}x{args.size} to a temporary folder in "
+              f"{time.perf_counter() - t0:.1f} s; median of {args.reps}\n")  # fmt: skip
+        load_volume(series)  # warm-up (imports, ITK factories, page cache)
+        t_old, (old_data, old_affine) = timed(lambda: old_reader(series), args.reps)
+        t_new, vol = timed(lambda: load_volume(series), args.reps)
+    same_data = bool(np.array_equal(np.asarray(old_data), vol.data.numpy()))
+    same_affine = bool(np.allclose(old_affine, vol.affine, rtol=0, atol=1e-6))
+    mask = (vol.data.numpy() > 53.5).astype(np.uint8)
+    t_old_lcc, old_mask = timed(lambda: old_lcc(mask), args.reps)
+    t_new_lcc, new_mask = timed(lambda: keep_largest_component(mask), args.reps)
+    rows = [
+        ("read DICOM series", t_old, t_new, f"array {same_data}, affine (1e-6) {same_affine}"),
+        (f"largest component ({int(mask.sum())} foreground voxels)", t_old_lcc, t_new_lcc,
+         f"mask {bool(np.array_equal(old_mask, new_mask))}"),
+    ]  # fmt: skip
+    print("| step | former (s) | current (s) | speed-up | identical |")
+    print("|---|---:|---:|---:|---|")
+    for name, old, new, same in rows:
+        print(f"| {name} | {old:.3f} | {new:.3f} | {old / new:.1f}x | {same} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
