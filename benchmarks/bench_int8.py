@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", help="datalist split to evaluate (default test)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="timed volumes per runner and checkpoint (default 3)")
+    ap.add_argument("--speed-size", type=int, default=None, metavar="N",
+                    help="also time the network alone at N x N on the sample's slices, first checkpoint's weights: "
+                         "fp32, int8 as the recipe, int8 with every layer quantised")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -92,7 +95,52 @@ def main(argv: list[str] | None = None) -> int:
           f"{statistics.median(ratios):.2f}x (median over checkpoints)")  # fmt: skip
     print(f"{'within' if within else 'NOT within'} tolerance (|Dice change| <= {DICE_TOLERANCE}, voxels identical "
           f">= {100 * VOXEL_AGREEMENT} %) on every checkpoint")  # fmt: skip
+    if args.speed_size:
+        _network_speed(args.checkpoints[0], args.data, args.speed_size, args.threads, max(args.reps, 5))
     return 0
+
+
+def _network_speed(checkpoint: str, data: str, size: int, threads: int, reps: int) -> None:
+    """The ONNX graph alone at ``size``²: fp32, the int8 recipe and all-int8, the runs alternating."""
+    import tempfile
+
+    import torch.nn.functional as F
+
+    from mkd.export import export_model, quantize_int8
+    from mkd.inference import load_volume
+    from mkd.inference.backends import OnnxRuntimeBackend
+    from mkd.inference.geometry import preprocess
+    from mkd.inference.settings import resolve_settings
+    from mkd.networks import load_network
+    from mkd.networks.checkpoint import CheckpointRecord
+
+    model, ckpt = load_network(checkpoint, map_location="cpu")
+    settings = resolve_settings(CheckpointRecord.from_checkpoint(ckpt), data_dir=data)
+    from mkd.data.transforms import volume_to_slices
+
+    pre = preprocess(load_volume(SAMPLE), settings)
+    x = torch.as_tensor(volume_to_slices(pre.image, channels=settings.channels), dtype=torch.float32)
+    x = F.interpolate(x, size=(size, size), mode="area").numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_model(model.eval(), "onnx", fp32, (size, size), {"source": "bench"}, check=False)
+        calib = x[np.linspace(0, len(x) - 1, 64).round().astype(int)]
+        graphs = {"fp32": fp32, "int8 (recipe)": quantize_int8(fp32, Path(tmp) / "q.onnx", calib),
+                  "int8 (every layer)": quantize_int8(fp32, Path(tmp) / "qa.onnx", calib, keep_fp32=[])}  # fmt: skip
+        runners = {k: OnnxRuntimeBackend(p, threads) for k, p in graphs.items()}
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        batch = torch.from_numpy(x)
+        for r in runners.values():
+            r(batch[:8])  # warm-up
+        for _ in range(reps):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                for i in range(0, len(batch), 16):
+                    r(batch[i : i + 16])
+                times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["fp32"])
+    cells = [f"{k} {statistics.median(v):.2f} s ({base / statistics.median(v):.2f}x)" for k, v in times.items()]
+    print(f"network alone, {len(x)} slices at {size}x{size}, {threads} threads, median of {reps}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
