@@ -1,4 +1,4 @@
-"""int8 against fp32 for trained students: Dice, mask agreement and speed, side by side in one run.
+"""int8 (or bf16) against fp32 for trained students: Dice, mask agreement and speed, side by side in one run.
 
 For each student checkpoint and its prepared dataset: the patients of ``--split`` evaluated
 (``mkd.evaluation``: pooled Dice, per-volume Dice, with the largest-component filter too) with ONNX
@@ -12,6 +12,7 @@ only then.
 Usage::
 
     python benchmarks/bench_int8.py RUN1/models/model.pt RUN2/models/model.pt ... --data mkd_data --threads 2
+    python benchmarks/bench_int8.py ... --variant bf16     # PyTorch autocast bf16 against ONNX Runtime fp32
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", help="datalist split to evaluate (default test)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="timed volumes per runner and checkpoint (default 3)")
+    ap.add_argument("--variant", choices=["int8", "bf16"], default="int8",
+                    help="int8 (ONNX Runtime) or bf16 (PyTorch autocast) against ONNX Runtime fp32")  # fmt: skip
     ap.add_argument("--speed-size", type=int, default=None, metavar="N",
                     help="also time the network alone at N x N on the sample's slices, first checkpoint's weights: "
                          "fp32, int8 as the recipe, int8 with every layer quantised")  # fmt: skip
@@ -52,17 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     from mkd.export import INT8_RECIPE
     from mkd.inference import Segmenter
 
-    common = {"data_dir": args.data, "device": "cpu", "threads": args.threads, "backend": "onnxruntime"}
-    header = ["checkpoint", "fp32 pooled", "int8 − fp32 pooled", "fp32 volume", "int8 − fp32 volume",
-              "int8 − fp32 volume (LCC)", "voxels identical (CT sample)", "network fp32 / int8",
-              "end to end fp32 / int8"]  # fmt: skip
-    print(f"int8 recipe {INT8_RECIPE}; {args.split} patients of {args.data}; speed on {SAMPLE.name}, "
+    common = {"data_dir": args.data, "device": "cpu", "threads": args.threads}
+    v = args.variant
+    header = ["checkpoint", "fp32 pooled", f"{v} − fp32 pooled", "fp32 volume", f"{v} − fp32 volume",
+              f"{v} − fp32 volume (LCC)", "voxels identical (CT sample)", f"network fp32 / {v}",
+              f"end to end fp32 / {v}"]  # fmt: skip
+    what = f"int8 recipe {INT8_RECIPE}" if v == "int8" else "bf16 (PyTorch autocast)"
+    print(f"{what}; {args.split} patients of {args.data}; speed on {SAMPLE.name}, "
           f"{args.threads} threads, median of {args.reps}")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     changes, agreements, ratios = [], [], []
     for ckpt in args.checkpoints:
-        segs = {"fp32": Segmenter(ckpt, **common), "int8": Segmenter(ckpt, quantize="int8", **common)}
+        segs = {
+            "fp32": Segmenter(ckpt, backend="onnxruntime", **common),
+            "int8": Segmenter(ckpt, quantize=v, backend="onnxruntime" if v == "int8" else "torch", **common),
+        }
         dice = {k: _dice(evaluate_checkpoint(ckpt, args.data, split=args.split, runner=s.backend).summary)
                 for k, s in segs.items()}  # fmt: skip
         masks = {k: s.segment(SAMPLE).mask for k, s in segs.items()}  # also the warm-up
@@ -87,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in ("pooled", "volume", "volume_lcc"):
         d = [c[m] for c in changes]
         sd = statistics.stdev(d) if len(d) > 1 else 0.0
-        print(f"int8 − fp32 {m} Dice over {len(d)} checkpoints: {statistics.mean(d):+.4f} ± {sd:.4f}, "
+        print(f"{v} − fp32 {m} Dice over {len(d)} checkpoints: {statistics.mean(d):+.4f} ± {sd:.4f}, "
               f"largest |change| {max(abs(x) for x in d):.4f}")  # fmt: skip
     worst = max(abs(c[m]) for c in changes for m in c)
     within = worst <= DICE_TOLERANCE and min(agreements) >= VOXEL_AGREEMENT
-    print(f"voxels identical: min {100 * min(agreements):.3f} %; network time fp32/int8 "
+    print(f"voxels identical: min {100 * min(agreements):.3f} %; network time fp32/{v} "
           f"{statistics.median(ratios):.2f}x (median over checkpoints)")  # fmt: skip
     print(f"{'within' if within else 'NOT within'} tolerance (|Dice change| <= {DICE_TOLERANCE}, voxels identical "
           f">= {100 * VOXEL_AGREEMENT} %) on every checkpoint")  # fmt: skip
@@ -108,7 +116,7 @@ def _network_speed(checkpoint: str, data: str, size: int, threads: int, reps: in
 
     from mkd.export import export_model, quantize_int8
     from mkd.inference import load_volume
-    from mkd.inference.backends import OnnxRuntimeBackend
+    from mkd.inference.backends import OnnxRuntimeBackend, TorchBackend, bf16_supported
     from mkd.inference.geometry import preprocess
     from mkd.inference.settings import resolve_settings
     from mkd.networks import load_network
@@ -128,6 +136,10 @@ def _network_speed(checkpoint: str, data: str, size: int, threads: int, reps: in
         graphs = {"fp32": fp32, "int8 (recipe)": quantize_int8(fp32, Path(tmp) / "q.onnx", calib),
                   "int8 (every layer)": quantize_int8(fp32, Path(tmp) / "qa.onnx", calib, keep_fp32=[])}  # fmt: skip
         runners = {k: OnnxRuntimeBackend(p, threads) for k, p in graphs.items()}
+        cpu = torch.device("cpu")
+        runners["torch fp32 (channels_last)"] = TorchBackend(model, cpu)
+        if bf16_supported(cpu):
+            runners["torch bf16 (channels_last)"] = TorchBackend(model, cpu, bf16=True)
         times: dict[str, list[float]] = {k: [] for k in runners}
         batch = torch.from_numpy(x)
         for r in runners.values():

@@ -561,8 +561,9 @@ def _describe(seg) -> None:
               help="auto: ONNX Runtime on a CPU when installed (pip install 'mkd[onnx]'), else PyTorch.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the network  [default: the cores this process may use]")  # fmt: skip
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Students only: ONNX Runtime static int8 quantisation, calibrated on --calibration.")  # fmt: skip
+@click.option("--quantize", type=click.Choice(["int8", "bf16"]), default=None,
+              help="int8: students only, ONNX Runtime static quantisation calibrated on --calibration; bf16: "
+                   "PyTorch autocast, on CPUs with native bf16 (AVX-512 BF16, AMX).")  # fmt: skip
 @click.option("--calibration", type=click.Path(exists=True), default=None,
               help="int8 calibration data: a prepared dataset (its training slices), a folder of NIfTI CTs or "
                    "one CT  [default: --data]")  # fmt: skip

@@ -24,6 +24,7 @@ from mkd.inference import (
     SlicePrediction,
     TorchBackend,
     Volume,
+    bf16_supported,
     default_threads,
     invert,
     keep_largest_component,
@@ -80,7 +81,8 @@ def test_the_inference_package_keeps_its_public_names():
 
     assert sorted(mkd.inference.__all__) == sorted(
         ["BACKENDS", "FolderResult", "InferenceResult", "InferenceSettings", "NIFTI_SUFFIXES", "OnnxRuntimeBackend",
-         "Preprocessed", "Segmenter", "SlicePrediction", "TorchBackend", "Volume", "calibration_slices",
+         "Preprocessed", "Segmenter", "SlicePrediction", "TorchBackend", "Volume", "bf16_supported",
+         "calibration_slices",
          "check_folder_job", "check_logits", "check_mask_output", "check_mask_replaceable", "check_preview_path",
          "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component", "load_volume",
          "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend", "resolve_settings",
@@ -797,3 +799,53 @@ def test_int8_quantised_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
     }
     assert dice["fp32"] > 0.45, dice  # it learnt the phantom's organ (predicting all foreground scores 0.02)
     assert abs(dice["int8"] - dice["fp32"]) <= 0.05, dice
+
+
+def _trained_phantom_s1(prepared, path):
+    """An s1 trained 40 full-batch Adam steps on the phantom's student slices (32²), saved as a checkpoint."""
+    from monai.losses import DiceCELoss
+
+    from mkd.data import load_split, slice_transform
+
+    torch.manual_seed(0)
+    model = build("s1")
+    batch = [slice_transform([32, 32])(dict(d)) for d in load_split(prepared, "student")]
+    x, y = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = DiceCELoss(sigmoid=True, batch=True)
+    model.train()
+    for _ in range(40):
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    return save_checkpoint(path, model, run={"image_size": [32, 32], "train_split": "student"})
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
+    """``quantize="bf16"``: PyTorch autocast on a CPU with native bf16; Dice within 0.005 of fp32, float32 logits."""
+    from mkd.evaluation import evaluate_checkpoint
+
+    ckpt = _trained_phantom_s1(tiny_prepared, tmp_path / "s1.pt")
+    fp32 = Segmenter(ckpt, device="cpu", backend="torch", threads=1)
+    bf16 = Segmenter(ckpt, device="cpu", quantize="bf16", threads=1)  # backend auto: bf16 picks PyTorch
+    assert bf16.describe().startswith("torch (cpu, channels_last, bf16, inference_mode")
+    x = torch.rand(2, 3, 32, 32)
+    assert bf16.backend(x).dtype == torch.float32
+    dice = {name: evaluate_checkpoint(ckpt, tiny_prepared, runner=seg.backend).summary["pooled"]["dice"]
+            for name, seg in (("fp32", fp32), ("bf16", bf16))}  # fmt: skip
+    assert dice["fp32"] > 0.45, dice
+    assert abs(dice["bf16"] - dice["fp32"]) <= 0.005, dice
+
+
+def test_bf16_is_refused_where_it_would_be_emulated_or_on_onnxruntime(s1_ckpt, monkeypatch):
+    import mkd.inference.predictor as predictor
+
+    with pytest.raises(MkdError) as err:
+        Segmenter(s1_ckpt, device="cpu", backend="onnxruntime", quantize="bf16")
+    assert str(err.value) == "`quantize=bf16` runs on PyTorch (autocast); pass `backend=torch` or `backend=auto`"
+    monkeypatch.setattr(predictor, "bf16_supported", lambda device: False)
+    with pytest.raises(MkdError) as err:
+        Segmenter(s1_ckpt, device="cpu", quantize="bf16")
+    assert str(err.value) == ("`quantize=bf16`: cpu has no native bf16 (on CPUs: AVX-512 BF16 or AMX), so it would "
+                              "run slower than fp32; leave `quantize` out")  # fmt: skip

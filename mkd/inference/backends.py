@@ -25,6 +25,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "CALIBRATION_SPLIT",
     "calibration_slices",
+    "bf16_supported",
 ]
 
 #: ``--backend`` choices: ``auto`` = ONNX Runtime on a CPU when it is installed, else PyTorch.
@@ -92,25 +93,43 @@ class TorchBackend:
         model: the network, in eval mode on ``device``.
         device: where it runs.
         channels_last: NHWC weights and input (faster convolutions with oneDNN on CPUs).
+        bf16: run under ``torch.autocast(dtype=torch.bfloat16)`` (CPUs with native bf16, e.g. AVX-512 BF16 or
+            AMX; :func:`bf16_supported`); the logits come back as float32.
     """
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool = True) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, channels_last: bool = True, bf16: bool = False
+    ) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.channels_last = bool(channels_last)
+        self.bf16 = bool(bf16)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return self.model(x)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(x)
+        return out.float() if self.bf16 else out
 
     def describe(self) -> str:
-        return f"torch ({self.device}{', channels_last' if self.channels_last else ''}, inference_mode)"
+        extra = (", channels_last" if self.channels_last else "") + (", bf16" if self.bf16 else "")
+        return f"torch ({self.device}{extra}, inference_mode)"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA device that supports it, or a CPU whose oneDNN does
+    (AVX-512 BF16 / AMX); elsewhere bf16 would be emulated, slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class OnnxRuntimeBackend:

@@ -27,6 +27,7 @@ from mkd.inference.backends import (
     CALIBRATION_SPLIT,
     OnnxRuntimeBackend,
     TorchBackend,
+    bf16_supported,
     calibration_slices,
     default_threads,
     resolve_backend,
@@ -257,10 +258,17 @@ class Segmenter:
         if self.threads > cores:
             logger.warning("`threads=%d` is more than the %d CPU cores of this machine; the network runs no faster "
                            "(often slower) with more threads than cores", self.threads, cores)  # fmt: skip
+        if quantize not in (None, "int8", "bf16"):
+            raise ValueError(f"quantize must be 'int8', 'bf16' or None, got {quantize!r}")
+        if quantize == "bf16":
+            if str(backend).lower() == "onnxruntime":
+                raise MkdError("`quantize=bf16` runs on PyTorch (autocast); pass `backend=torch` or `backend=auto`")
+            if not bf16_supported(self.device):
+                raise MkdError(f"`quantize=bf16`: {self.device} has no native bf16 (on CPUs: AVX-512 BF16 or AMX), "
+                               "so it would run slower than fp32; leave `quantize` out")  # fmt: skip
+            backend = "torch"
         self.backend_name = resolve_backend(backend, self.device)
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-        if quantize is not None:
+        if quantize == "int8":
             from mkd.networks.registry import STUDENTS
 
             name = self.record.arch
@@ -273,7 +281,8 @@ class Segmenter:
                 raise ValueError(f"quantize int8 runs on ONNX Runtime; got backend {backend!r} on {self.device}")
         self._tmp: tempfile.TemporaryDirectory | None = None
         if self.backend_name == "torch":
-            self.backend: Any = TorchBackend(self.model, self.device, channels_last and self.device.type == "cpu")
+            self.backend: Any = TorchBackend(self.model, self.device, channels_last and self.device.type == "cpu",
+                                             bf16=quantize == "bf16")  # fmt: skip
         else:
             path = self._onnx_graph(quantize, calibration if calibration is not None else data_dir)
             self.backend = OnnxRuntimeBackend(path, self.threads, quantized=quantize)
