@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from mkd.inference import Segmenter, bf16_supported, onnxruntime_available
-    from mkd.networks import build, load_network, save_checkpoint
+    from mkd.networks import CheckpointRecord, build, load_network, save_checkpoint
 
     path = Path(args.volume)
     ort = onnxruntime_available()
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is not None:
             s1 = Path(tmp) / "s1.pt"  # a copy: the ONNX graphs are cached beside it, not beside the user's run
             s1.write_bytes(Path(args.checkpoint).read_bytes())
-            args.size = int(load_network(s1, map_location="cpu")[1]["run"]["image_size"][0])
+            args.size = int(CheckpointRecord.from_checkpoint(load_network(s1, map_location="cpu")[1]).image_size[0])
         run = {"image_size": [args.size, args.size]}
         torch.manual_seed(0)
         if args.checkpoint is None:

@@ -114,17 +114,16 @@ def _network_speed(checkpoint: str, data: str, size: int, threads: int, reps: in
 
     import torch.nn.functional as F
 
+    from mkd.data.transforms import volume_to_slices
     from mkd.export import export_model, quantize_int8
     from mkd.inference import load_volume
     from mkd.inference.backends import OnnxRuntimeBackend, TorchBackend, bf16_supported
     from mkd.inference.geometry import preprocess
     from mkd.inference.settings import resolve_settings
-    from mkd.networks import load_network
-    from mkd.networks.checkpoint import CheckpointRecord
+    from mkd.networks import CheckpointRecord, load_network
 
     model, ckpt = load_network(checkpoint, map_location="cpu")
     settings = resolve_settings(CheckpointRecord.from_checkpoint(ckpt), data_dir=data)
-    from mkd.data.transforms import volume_to_slices
 
     pre = preprocess(load_volume(SAMPLE), settings)
     x = torch.as_tensor(volume_to_slices(pre.image, channels=settings.channels), dtype=torch.float32)

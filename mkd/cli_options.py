@@ -363,7 +363,9 @@ def _setting_option(setting):
     else:
         decls = [setting.flag, *setting.aliases]
         types = {list: _ScalesType(), dict: _WeightsType(), float: float, int: click.IntRange(min=setting.minimum)}
-        kwargs["type"] = types.get(setting.type) or (LazyChoice(setting.choices) if setting.choices != () else str)
+        # a registry's names (LazyNames) are read when click needs them: asking their length here would import it
+        choices = isinstance(setting.choices, LazyNames) or len(setting.choices) > 0
+        kwargs["type"] = types.get(setting.type) or (LazyChoice(setting.choices) if choices else str)
         if setting.type is dict:
             kwargs["metavar"] = "TERM=W,..."
     return click.option(*decls, setting.name, **kwargs)
