@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,15 @@ SPECIAL_KEYS = ("_target_", "_requires_", "_disabled_", "_desc_", "_mode_")
 EXPRESSION_PREFIXES = ("$", "@", "%")
 
 
-def _expression_in(value: Any, path: str) -> tuple[str, str] | None:
-    """The first place in ``value`` that MONAI would evaluate: ``(path, why)``, or ``None``."""
+def _expression_in(
+    value: Any, path: str, special: Callable[[str, Any], str | None] | None = None
+) -> tuple[str, str] | None:
+    """The first place in ``value`` that MONAI would evaluate: ``(path, why)``, or ``None``.
+
+    ``special(key, value)`` may accept a special key (``_target_`` ...): it returns why the entry is
+    refused, or ``None`` to accept it as it is (a teacher bundle's MONAI classes, :mod:`mkd.teachers`).
+    Without it every special key is refused.
+    """
     if isinstance(value, str):
         if value[:1] in EXPRESSION_PREFIXES:
             shown = value if len(value) <= 60 else value[:57] + "..."
@@ -191,13 +198,17 @@ def _expression_in(value: Any, path: str) -> tuple[str, str] | None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if str(key) in SPECIAL_KEYS:
-                return f"{path}#{key}", f"{key} makes the mapping an object MONAI would build (and run)"
-            found = _expression_in(item, f"{path}#{key}")
+                why = "makes the mapping an object MONAI would build (and run)" if special is None else special(
+                    str(key), item)  # fmt: skip
+                if why:
+                    return f"{path}#{key}", f"{key} {why}"
+                continue
+            found = _expression_in(item, f"{path}#{key}", special)
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _expression_in(item, f"{path}#{i}")
+            found = _expression_in(item, f"{path}#{i}", special)
             if found:
                 return found
     return None

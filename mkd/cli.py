@@ -261,10 +261,17 @@ class _SettingsUsageError(click.ClickException):
 @click.option(
     "--teacher",
     "teacher_ckpt",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default="runs/teacher-t1/models/model.pt",
     show_default=True,
-    help="Teacher checkpoint (from `mkd teacher`).",
+    help="Teacher: a checkpoint of `mkd teacher`, a MONAI bundle folder or a TorchScript file, 2D or 3D "
+    "(docs/teachers.md).",
+)
+@click.option(
+    "--teacher-label",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The organ's output channel of a multi-class bundle / TorchScript teacher (default: 1 of 2 channels).",
 )
 @click.option(
     "--allow-student-teacher",
@@ -305,6 +312,7 @@ class _SettingsUsageError(click.ClickException):
 @_user_errors
 def distill(
     teacher_ckpt,
+    teacher_label,
     allow_student_teacher,
     baseline_ckpt,
     reference_ckpt,
@@ -335,10 +343,12 @@ def distill(
         settings = distillation_settings(**{**given, **sets})
     except SettingsError as err:
         raise _SettingsUsageError(str(err)) from None
-    if not Path(teacher_ckpt).is_file():
+    if not Path(teacher_ckpt).exists():
         raise MkdError(f"{teacher_ckpt}: teacher checkpoint not found; train one with `mkd teacher` or pass --teacher")
     overrides: dict = {
         "teacher_ckpt": str(Path(teacher_ckpt).resolve()),
+        "teacher_label": teacher_label,
+        "allow_teacher_expressions": bool(kwargs.get("allow_expressions")),
         "allow_student_teacher": allow_student_teacher,
         **given,  # the settings given; the bundle resolves the others the same way
         "projector_kind": projector,
@@ -363,16 +373,26 @@ def distill(
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @data_option()
 @click.option("--split", default="test", show_default=True, help="Datalist split to evaluate (test or validation).")
+@click.option(
+    "--teacher-label",
+    type=click.IntRange(min=0),
+    default=None,
+    help="CHECKPOINT is a bundle / TorchScript teacher: its organ's output channel (docs/teachers.md).",
+)
 @output_option("Where to write summary.json, per_volume.csv, per_slice.csv. Default: RUN/eval/<split>.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @device_option()
 @seed_option
 @_user_errors
-def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
-    """Metrics of CHECKPOINT on the test patients: pooled (as the thesis), per slice, per volume (+HD95)."""
+def evaluate(checkpoint, data_dir, split, teacher_label, output_dir, batch_size, device, seed):
+    """Metrics of CHECKPOINT on the test patients: pooled (as the thesis), per slice, per volume (+HD95).
+
+    CHECKPOINT may also be a MONAI bundle folder or a TorchScript file (a teacher from outside mkd), scored on
+    the same slices.
+    """
     from mkd.evaluation import evaluate_checkpoint
     from mkd.metrics.summary import check_evaluation_output, evaluation_dir, evaluation_lines
     from mkd.utils import seed_everything
@@ -381,7 +401,7 @@ def evaluate(checkpoint, data_dir, split, output_dir, batch_size, device, seed):
     out = evaluation_dir(checkpoint, split, output_dir)
     check_evaluation_output(out)
     result = evaluate_checkpoint(checkpoint, data_dir, split=split, batch_size=batch_size, device=device,
-                                 progress=True)  # fmt: skip
+                                 progress=True, teacher_label=teacher_label)  # fmt: skip
     paths = result.write(out)
     for line in [*evaluation_lines(result), f"wrote {paths['summary']}"]:
         click.echo(line)

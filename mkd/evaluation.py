@@ -60,6 +60,7 @@ def evaluate_checkpoint(
     image_size: Sequence[int] | None = None,
     progress: bool = False,
     runner: Any = None,
+    teacher_label: int | None = None,
 ) -> EvaluationResult:
     """Run a checkpoint over every slice of ``split`` and compute the metrics.
 
@@ -73,6 +74,9 @@ def evaluate_checkpoint(
         progress: show a tqdm bar.
         runner: run the slices through this callable (``f(images) -> logits``, e.g. the ONNX Runtime
             backend of a :class:`mkd.inference.Segmenter`) instead of the PyTorch network; no PSNR then.
+        teacher_label: ``checkpoint`` may also be a teacher from outside mkd (a MONAI bundle folder or
+            a TorchScript file, :func:`mkd.teachers.load_teacher`): it runs per volume and its logits
+            of each slice are scored like a checkpoint's; this picks its organ channel.
 
     Raises:
         InputError: unreadable checkpoint (or NaN weights), missing dataset or empty split.
@@ -85,17 +89,24 @@ def evaluate_checkpoint(
     from mkd.inference.predictor import predict_slices
     from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
     from mkd.networks import CheckpointRecord, load_network
+    from mkd.teachers import items_of, load_teacher, teacher_kind
     from mkd.utils import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(device)
     check_datalist(data_dir, [split])
-    model, ckpt = load_network(checkpoint, map_location="cpu")
-    model.to(device).eval()
-    record = CheckpointRecord.from_checkpoint(ckpt)
     info = load_prepare_info(data_dir)
     stored = int(info["settings"]["size"])
-    size = [int(s) for s in (image_size or record.image_size or (stored, stored))]
+    volume_teacher = None
+    if teacher_kind(checkpoint) != "mkd":  # a bundle or TorchScript teacher, run per volume
+        size = [int(s) for s in (image_size or (stored, stored))]
+        volume_teacher = load_teacher(checkpoint, device, size, data_dir=data_dir, label=teacher_label)
+        model, ckpt, record = volume_teacher, {"network": {"name": volume_teacher.network_name}}, None
+    else:
+        model, ckpt = load_network(checkpoint, map_location="cpu")
+        model.to(device).eval()
+        record = CheckpointRecord.from_checkpoint(ckpt)
+        size = [int(s) for s in (image_size or record.image_size or (stored, stored))]
     items = load_split(data_dir, split)
 
     # voxel size of a restacked (z, rows, cols) prediction: rows = RAS x, cols = RAS y
@@ -117,6 +128,12 @@ def evaluate_checkpoint(
     net, on = (model, device) if runner is None else (runner, "cpu")  # a runner takes CPU tensors
     for batch in loader:
         where = f"{split} slices of {', '.join(sorted(set(batch['patient'])))}"
+        if volume_teacher is not None:  # its logits of these slices, from their volumes
+
+            def net(images, items=items_of(batch)):
+                return volume_teacher.slice_logits(items)
+
+            on = "cpu"
         out = predict_slices(
             net, batch["image"], None, len(batch["image"]), on, checkpoint, where=where, recon=reconstruct
         )
@@ -127,7 +144,7 @@ def evaluate_checkpoint(
     summary = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "network": ckpt.get("network"),
-        "run": record.run,
+        "run": record.run if record is not None else {"teacher": str(checkpoint), "teacher_label": teacher_label},
         "data": str(Path(data_dir).resolve()),
         "split": split,
         "image_size": size,

@@ -191,9 +191,12 @@ class TeacherCache:
                 with FeatureRecorder(teacher, list(scales), detach=True) as recorder, torch.no_grad():
                     for start in range(0, len(data), batch_size):
                         items = data[start : start + batch_size]
-                        images = torch.stack([torch.as_tensor(transform(dict(it))["image"]) for it in items])
-                        with recorder.recording():
-                            out = teacher(images.to(device))
+                        if hasattr(teacher, "slice_logits"):  # a volume teacher (mkd.teachers): logits per slice
+                            out = teacher.slice_logits(items)
+                        else:
+                            images = torch.stack([torch.as_tensor(transform(dict(it))["image"]) for it in items])
+                            with recorder.recording():
+                                out = teacher(images.to(device))
                         values = {s: match_spatial(recorder.features[s].float(), targets[s]) for s in scales}
                         if pool:
                             values = {s: pool_spatial(v) for s, v in values.items()}

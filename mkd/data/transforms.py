@@ -38,6 +38,7 @@ __all__ = [
     "ScaleByMaxd",
     "parse_window",
     "slice_transform",
+    "slice_grid_transforms",
     "volume_to_slices",
     "volume_transforms",
 ]
@@ -122,9 +123,7 @@ def volume_transforms(
     ]
     if has_label and label_value is not None:
         xforms.append(LabelToMaskd(keys=label_key, select_labels=[int(label_value)]))
-    xforms.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if spacing is not None:
-        xforms.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=interp))
+    xforms += _orientation_spacing(keys, spacing, interp)
     if window == "max":
         xforms.append(ScaleByMaxd(keys=image_key))
     else:
@@ -133,6 +132,30 @@ def volume_transforms(
     if size is not None:
         modes = tuple("area" if k == image_key else "nearest-exact" for k in keys)
         xforms.append(Resized(keys=keys, spatial_size=(int(size), int(size), -1), mode=modes))
+    return Compose(xforms)
+
+
+def _orientation_spacing(keys: Sequence[str], spacing: Sequence[float] | None, modes: Sequence[str]) -> list:
+    """RAS, then ``Spacingd`` to ``spacing`` when given: the geometry of :func:`volume_transforms` before the resize."""
+    out: list = [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if spacing is not None:
+        out.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in spacing), mode=tuple(modes)))
+    return out
+
+
+def slice_grid_transforms(
+    keys: str | Sequence[str], spacing: Sequence[float] | None, size: Sequence[int], mode: str = "area"
+) -> Compose:
+    """Put a loaded volume ``(C, ...)`` on the prepared slices' grid, at in-plane ``size``.
+
+    The geometry of :func:`volume_transforms` (RAS, the dataset's ``spacing`` with bilinear
+    interpolation), then an in-plane resize to ``size`` with ``mode``, the slice count kept: what
+    :class:`mkd.teachers.VolumeTeacher` does to a teacher's logits so that slice ``z`` of the result
+    lies on slice ``z`` of the prepared volume.
+    """
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    xforms = _orientation_spacing(keys, spacing, ["bilinear"] * len(keys))
+    xforms.append(Resized(keys=keys, spatial_size=(*(int(s) for s in size), -1), mode=mode))
     return Compose(xforms)
 
 

@@ -42,7 +42,8 @@ def validation_quality(
 
     Args:
         network: a logits-out segmenter with one output channel (put in eval mode here; a
-            multi-task teacher runs with its reconstruction switched off).
+            multi-task teacher runs with its reconstruction switched off), or a
+            :class:`~mkd.teachers.VolumeTeacher`, whose logits of each slice come from its volume.
         batches: dicts with ``image`` ``(B, C, H, W)`` and ``label`` ``(B, 1, H, W)``.
         device: where the network runs.
 
@@ -62,7 +63,12 @@ def validation_quality(
     try:
         with reconstruction(network, False):
             for batch in batches:
-                out = network(torch.as_tensor(batch["image"]).to(device))
+                if hasattr(network, "slice_logits"):  # a volume teacher (mkd.teachers): its logits per slice
+                    from mkd.teachers.volume import items_of
+
+                    out = network.slice_logits(items_of(batch))
+                else:
+                    out = network(torch.as_tensor(batch["image"]).to(device))
                 logits.append(out.float().cpu().numpy())
                 labels.append(torch.as_tensor(batch["label"]).cpu().numpy() > 0.5)
     finally:

@@ -46,9 +46,15 @@ def metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 def evaluation_dir(
     checkpoint: str | os.PathLike, split: str = "test", output_dir: str | os.PathLike | None = None
 ) -> Path:
-    """``output_dir``, else the run's own ``RUN/eval/<split>`` (``RUN/models/model.pt`` -> ``RUN``)."""
+    """``output_dir``, else the run's own ``RUN/eval/<split>`` (``RUN/models/model.pt`` -> ``RUN``).
+
+    A bundle folder (a teacher from outside mkd) gets ``BUNDLE/eval/<split>``, as a model-zoo bundle's own
+    evaluation writes to ``BUNDLE/eval``.
+    """
     if output_dir:
         return Path(output_dir)
+    if Path(checkpoint).is_dir():
+        return Path(checkpoint).resolve() / "eval" / split
     return Path(checkpoint).resolve().parent.parent / "eval" / split
 
 
