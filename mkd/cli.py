@@ -364,7 +364,11 @@ def distill(
             raise MkdError(f"{path}: {key.split('_')[0]} checkpoint not found ({option}); train one with {how}")
         overrides[key] = str(Path(path).resolve())
     if kwargs.get("output_dir") is None:
-        tag = "+".join(settings["scales"]) or "none"
+        from mkd.teachers.load import teacher_kind
+
+        # a bundle or TorchScript teacher distils its logits only (mkd.teachers.fit_to_teacher)
+        scales = settings["scales"] if teacher_kind(teacher_ckpt) == "mkd" else []
+        tag = "+".join(scales) or "none"
         kwargs["output_dir"] = f"runs/distill-{arch}-{tag}{'-pmd' if settings['pmd'] else ''}"
     _run_training("distill", arch, overrides=overrides, **kwargs)
 

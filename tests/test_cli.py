@@ -107,6 +107,18 @@ def test_the_recipe_decides_the_transfer_set_and_says_so_in_one_line(tiny_prepar
         assert len(said) == (1 if extra else 0) and (not said or f"on {transfer} unlabelled slices" in said[0])
 
 
+def test_a_bundle_teacher_distils_logits_only_from_the_default_recipe(fake_distill, tmp_path):
+    """The run folder is named after what runs: the recipe's bn term is left out for a bundle teacher."""
+    seen, _ = fake_distill
+    bundle = tmp_path / "zoo_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    assert _invoke("distill", "--teacher", str(bundle), "--teacher-label", "1").exit_code == 0
+    assert seen["output_dir"].name == "distill-s1-none-pmd"
+    assert (seen["overrides"]["teacher_ckpt"], seen["overrides"]["teacher_label"]) == (str(bundle.resolve()), 1)
+    settings, weights = _composed(seen["overrides"])
+    assert settings["scales"] == [] and weights == {"seg": 1.0, "pmd": 1.0, "dice": 1.0}
+
+
 def test_one_default_recipe_for_the_cli_the_bundle_and_the_library(fake_distill):
     from mkd.handlers import DEFAULT_RECIPE
 
