@@ -341,6 +341,10 @@ def distill(
     sets = {k: v for k, v in parse_overrides(kwargs["sets"]).items() if k in SETTINGS and not is_expression(v)}
     try:
         settings = distillation_settings(**{**given, **sets})
+        if "scales" in settings.given and Path(teacher_ckpt).exists():
+            from mkd.teachers.load import fit_to_teacher
+
+            fit_to_teacher(settings, teacher_ckpt)  # scales given for a bundle / TorchScript teacher: refused here
     except SettingsError as err:
         raise _SettingsUsageError(str(err)) from None
     if not Path(teacher_ckpt).exists():
