@@ -89,7 +89,7 @@ def evaluate_checkpoint(
     from mkd.inference.predictor import predict_slices
     from mkd.metrics import PSNRAccumulator, SegmentationAccumulator, spacing_after_resize
     from mkd.networks import CheckpointRecord, load_network
-    from mkd.teachers import items_of, load_teacher, teacher_kind
+    from mkd.teachers import load_teacher, teacher_kind
     from mkd.utils import resolve_device
 
     t0 = time.perf_counter()
@@ -130,8 +130,8 @@ def evaluate_checkpoint(
         where = f"{split} slices of {', '.join(sorted(set(batch['patient'])))}"
         if volume_teacher is not None:  # its logits of these slices, from their volumes
 
-            def net(images, items=items_of(batch)):
-                return volume_teacher.slice_logits(items)
+            def net(images, batch=batch):
+                return volume_teacher.slice_logits(batch)
 
             on = "cpu"
         out = predict_slices(

@@ -63,10 +63,8 @@ def validation_quality(
     try:
         with reconstruction(network, False):
             for batch in batches:
-                if hasattr(network, "slice_logits"):  # a volume teacher (mkd.teachers): its logits per slice
-                    from mkd.teachers.volume import items_of
-
-                    out = network.slice_logits(items_of(batch))
+                if hasattr(network, "slice_logits"):  # a volume teacher (mkd.teachers): its logits of these slices
+                    out = network.slice_logits(batch)
                 else:
                     out = network(torch.as_tensor(batch["image"]).to(device))
                 logits.append(out.float().cpu().numpy())

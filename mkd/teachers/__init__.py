@@ -8,7 +8,7 @@ own preprocessing and inferer, whose per-slice logits go into the teacher cache.
 from __future__ import annotations
 
 from mkd.teachers.load import SAFE_MODULES, fit_to_teacher, load_teacher, read_bundle_config, teacher_kind
-from mkd.teachers.volume import ACTIVATIONS, VolumeTeacher, binary_logits, items_of, source_volume
+from mkd.teachers.volume import ACTIVATIONS, VolumeTeacher, binary_logits, source_volume
 
 __all__ = [
     "ACTIVATIONS",
@@ -16,7 +16,6 @@ __all__ = [
     "VolumeTeacher",
     "binary_logits",
     "fit_to_teacher",
-    "items_of",
     "load_teacher",
     "read_bundle_config",
     "source_volume",

@@ -148,13 +148,14 @@ def train_example_bundle(
     from monai.utils import set_determinism
 
     from mkd.data.prepare import load_prepare_info
+    from mkd.metrics import metrics_from_counts
     from mkd.utils import atomic_dir
 
     info = load_prepare_info(data_dir)
     window = info["settings"]["window"]
     if window == "max":
         window = (-57.0, 164.0)
-    config = bundle_config(window, pixdim, (96, 96, 96) if min(roi_size) >= 96 else roi_size, channels)
+    config = bundle_config(window, pixdim, roi_size, channels)  # it infers with the window it was trained on
     set_determinism(seed=seed)
     keys = ("image", "label")
     fixed = [
@@ -201,8 +202,8 @@ def train_example_bundle(
             logits = sliding_window_inference(d["image"][None], config["inferer"]["roi_size"], 4, network, overlap=0.5)
             pred = logits.argmax(1)[0].numpy() == 1
             true = d["label"][0].numpy() > 0.5
-            denom = pred.sum() + true.sum()
-            dices.append(float(2 * (pred & true).sum() / denom) if denom else 1.0)
+            counts = (pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum()
+            dices.append(float(metrics_from_counts(*counts)["dice"]))
     result = {"steps": steps, "seconds": round(seconds, 1), "validation_dice": float(np.mean(dices)) if dices else None,
               "seed": seed, "pixdim": list(pixdim), "channels": list(channels)}  # fmt: skip
     with atomic_dir(out) as tmp:

@@ -241,8 +241,10 @@ class VolumeTeacher(torch.nn.Module):
                     "x".join(map(str, volume.shape[1:3])))  # fmt: skip
         return volume
 
-    def slice_logits(self, items: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        """``(N, 1, H, W)`` logits for slice items (``patient`` and ``z``, as in the datalist)."""
+    def slice_logits(self, items: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> torch.Tensor:
+        """``(N, 1, H, W)`` logits for slice items (``patient`` and ``z``, as in the datalist) or a collated batch."""
+        if isinstance(items, Mapping):
+            items = _items_of(items)
         out = []
         for item in items:
             volume = self.volume_logits(str(item["patient"]))
@@ -255,7 +257,7 @@ class VolumeTeacher(torch.nn.Module):
         return torch.stack(out)
 
 
-def items_of(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _items_of(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The ``patient``/``z`` of each slice of a collated batch (what :meth:`VolumeTeacher.slice_logits` reads)."""
     patients = batch["patient"]
     zs = batch["z"]
