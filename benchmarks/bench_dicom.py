@@ -1,14 +1,23 @@
-"""DICOM series reading and the largest-component filter, the former route against the current one, in one run.
+"""The large-grid steps of ``mkd infer`` on a DICOM series, the former route against the current one, in one run.
 
-Usage: python benchmarks/bench_dicom.py [--slices 150] [--size 512] [--reps 3]
+Usage: python benchmarks/bench_dicom.py [--slices 150] [--size 512] [--reps 3] [--threads 2]
 
 Writes the real CT sample (``tests/data/totalseg_example/ct_full.nii.gz``) resampled to
 ``size x size x slices`` as a DICOM series (ITK/GDCM, int16, LPS positions) into a temporary
-folder, then times, median of ``--reps``: the former reader (GDCM scan, header pass of the slice
-check, MONAI ``LoadImage(reader="ITKReader")``, ``check_finite``) against
-:func:`mkd.inference.load_volume`, and MONAI's ``KeepLargestConnectedComponent`` over the whole
-grid against :func:`mkd.metrics.keep_largest_component` on the mask ``HU > 53.5`` (the body,
-a worst case for a bounding box). Prints a Markdown table and whether the results are identical.
+folder, then times, median of ``--reps``:
+
+- reading: the former reader (GDCM scan, header pass of the slice check, MONAI
+  ``LoadImage(reader="ITKReader")``, ``check_finite``) against :func:`mkd.inference.load_volume`;
+- the HU window: MONAI's ``ScaleIntensityRanged`` against :class:`mkd.data.transforms.Windowd`;
+- the way back: :func:`mkd.inference.invert` then the threshold against
+  :func:`mkd.inference.invert_mask`, for probabilities at 96² on a 256² prepared grid, once with
+  foreground on every slice (the windowed image itself: the body, the worst case) and once on a
+  third of the slices (about what a spleen spans in an abdominal CT);
+- the largest component: MONAI's ``KeepLargestConnectedComponent`` over the whole grid against
+  :func:`mkd.metrics.keep_largest_component` on the mask ``HU > 53.5`` (the body, a worst case
+  for a bounding box).
+
+Prints a Markdown table and whether each pair gives identical results.
 """
 
 from __future__ import annotations
@@ -115,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=150)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per route (median; default 5)")
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch threads (default 2)")
     args = ap.parse_args(argv)
+    import torch
 
-    from mkd.inference import load_volume
+    torch.set_num_threads(args.threads)
+    from monai.transforms import ScaleIntensityRanged
+
+    from mkd.data.transforms import Windowd
+    from mkd.inference import invert, invert_mask, load_volume, preprocess, resolve_settings
     from mkd.metrics import keep_largest_component
     from mkd.utils import keep_locale
 
@@ -132,14 +147,31 @@ def main(argv: list[str] | None = None) -> int:
         t_new, vol = timed(lambda: load_volume(series), args.reps)
     same_data = bool(np.array_equal(np.asarray(old_data), vol.data.numpy()))
     same_affine = bool(np.allclose(old_affine, vol.affine, rtol=0, atol=1e-6))
+    image = {"image": vol.data[None]}
+    monai_window = ScaleIntensityRanged("image", a_min=-57.0, a_max=164.0, b_min=0.0, b_max=1.0, clip=True)
+    t_old_win, old_win = timed(lambda: monai_window(image)["image"], args.reps)
+    t_new_win, new_win = timed(lambda: Windowd("image", -57.0, 164.0)(image)["image"], args.reps)
+    same_win = bool(torch.equal(old_win.as_subclass(torch.Tensor), new_win.as_subclass(torch.Tensor)))
+    pre = preprocess(vol, resolve_settings(window=(-57.0, 164.0), size=256))
+    prepared = pre.image[None].as_subclass(torch.Tensor)
+    body = torch.nn.functional.interpolate(prepared, size=(96, 96, prepared.shape[-1]), mode="area")[0]
+    organ = body.clone()
+    third = organ.shape[-1] // 3
+    organ[..., :third], organ[..., 2 * third :] = 0.0, 0.0
     mask = (vol.data.numpy() > 53.5).astype(np.uint8)
     t_old_lcc, old_mask = timed(lambda: old_lcc(mask), args.reps)
     t_new_lcc, new_mask = timed(lambda: keep_largest_component(mask), args.reps)
     rows = [
         ("read DICOM series", t_old, t_new, f"array {same_data}, affine (1e-6) {same_affine}"),
-        (f"largest component ({int(mask.sum())} foreground voxels)", t_old_lcc, t_new_lcc,
-         f"mask {bool(np.array_equal(old_mask, new_mask))}"),
-    ]  # fmt: skip
+        ("HU window", t_old_win, t_new_win, f"values {same_win}"),
+    ]
+    for name, probs in (("every slice", body), (f"{third} of {body.shape[-1]} slices", organ)):
+        t_old_inv, old_back = timed(lambda p=probs: (invert(p, pre) > 0.5).numpy().astype(np.uint8), args.reps)
+        t_new_inv, new_back = timed(lambda p=probs: invert_mask(p, pre, 0.5), args.reps)
+        rows.append((f"inverse + threshold, foreground on {name}", t_old_inv, t_new_inv,
+                     f"mask {bool(np.array_equal(old_back, new_back))}"))  # fmt: skip
+    rows.append((f"largest component ({int(mask.sum())} foreground voxels)", t_old_lcc, t_new_lcc,
+                 f"mask {bool(np.array_equal(old_mask, new_mask))}"))  # fmt: skip
     print("| step | former (s) | current (s) | speed-up | identical |")
     print("|---|---:|---:|---:|---|")
     for name, old, new, same in rows:

@@ -27,6 +27,7 @@ from mkd.inference import (
     bf16_supported,
     default_threads,
     invert,
+    invert_mask,
     keep_largest_component,
     load_volume,
     onnxruntime_available,
@@ -84,7 +85,8 @@ def test_the_inference_package_keeps_its_public_names():
          "Preprocessed", "Segmenter", "SlicePrediction", "TorchBackend", "Volume", "bf16_supported",
          "calibration_slices",
          "check_folder_job", "check_logits", "check_mask_output", "check_mask_replaceable", "check_preview_path",
-         "default_threads", "find_volumes", "invert", "is_volume_folder", "keep_largest_component", "load_volume",
+         "default_threads", "find_volumes", "invert", "invert_mask", "is_volume_folder", "keep_largest_component",
+         "load_volume",
          "mask_bytes", "onnxruntime_available", "predict_slices", "preprocess", "resolve_backend", "resolve_settings",
          "save_mask"]
     )  # fmt: skip
@@ -138,6 +140,36 @@ def test_preprocess_then_invert_gives_back_the_mask(size, spacing):
     back = invert(pre.image, pre)
     assert tuple(back.shape) == reference.shape
     assert dice(back.numpy() > 0.5, reference) > 0.9
+
+
+@needs_sample
+@pytest.mark.parametrize("codes, spacing", [("RAS", None), ("LPS", None), ("SPL", None), ("LPS", (4.0, 4.0, 6.0))])
+def test_invert_mask_is_the_thresholded_inverse_voxel_for_voxel(tmp_path, monkeypatch, codes, spacing):
+    """invert_mask skips slices with nothing above the threshold; its mask equals ``invert(...) > t`` exactly.
+
+    Probabilities at the network's 48² on a 64² prepared grid, foreground on a few slices only, an input
+    stored RAS, LPS and with its axes permuted (SPL), and a ``spacing`` run (which falls back to invert).
+    """
+    path = tmp_path / "ct.nii.gz"
+    nib.save(reoriented(nib.load(SAMPLE / "spleen_30slices.nii.gz"), codes), path)
+    volume = load_volume(path)
+    pre = preprocess(volume, resolve_settings(window=(0.0, 1.0), spacing=spacing, size=64))
+    n = int(pre.image.shape[-1])
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(1, 48, 48, n, generator=g) * 0.5  # nothing above 0.5 ...
+    probs[:, 10:30, 15:40, n // 3 : n // 3 + 4] = torch.rand(1, 20, 25, 4, generator=g)  # ... but here
+    probs[:, 5:9, 5:9, n - 2] = 0.9
+    import mkd.inference.geometry as geometry
+
+    calls = []
+    monkeypatch.setattr(geometry, "invert", lambda *a: calls.append(1) or invert(*a))
+    mask = invert_mask(probs, pre, 0.5)
+    assert len(calls) == (spacing is not None)  # the slice-wise route unless a Spacing step mixes slices
+    expected = (invert(probs, pre) > 0.5).numpy()
+    assert mask.dtype == np.uint8 and mask.shape == volume.shape and mask.flags.c_contiguous
+    assert 1000 < expected.sum() < 0.2 * expected.size
+    np.testing.assert_array_equal(mask, expected.astype(np.uint8))
+    assert not invert_mask(probs * 0.0, pre, 0.5).any()
 
 
 @needs_sample

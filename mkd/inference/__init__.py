@@ -20,7 +20,8 @@ The modules, each depending only on those above it:
   checkpoint's record, then ``DATA/prepare.json``, then the defaults);
 - :mod:`mkd.inference.io`: :func:`load_volume` (NIfTI, DICOM series, ITK formats), :func:`save_mask`,
   folder jobs;
-- :mod:`mkd.inference.geometry`: :func:`preprocess` and its inverse :func:`invert`;
+- :mod:`mkd.inference.geometry`: :func:`preprocess`, its inverse :func:`invert` and the thresholded
+  inverse :func:`invert_mask`;
 - :mod:`mkd.inference.backends`: PyTorch or ONNX Runtime (the graph from :mod:`mkd.export`), threads,
   int8 calibration slices;
 - :mod:`mkd.inference.predictor`: :func:`predict_slices` (also the prediction of ``mkd evaluate`` and of the
@@ -46,7 +47,7 @@ from mkd.inference.backends import (
     onnxruntime_available,
     resolve_backend,
 )
-from mkd.inference.geometry import Preprocessed, invert, preprocess
+from mkd.inference.geometry import Preprocessed, invert, invert_mask, preprocess
 from mkd.inference.io import (
     NIFTI_SUFFIXES,
     Volume,
@@ -88,6 +89,7 @@ __all__ = [
     "load_volume",
     "preprocess",
     "invert",
+    "invert_mask",
     "predict_slices",
     "SlicePrediction",
     "check_logits",

@@ -33,7 +33,7 @@ from mkd.inference.backends import (
     resolve_backend,
     torch_threads,
 )
-from mkd.inference.geometry import invert, preprocess
+from mkd.inference.geometry import invert_mask, preprocess
 from mkd.inference.io import (
     Volume,
     check_folder_job,
@@ -360,11 +360,10 @@ class Segmenter:
             ).probs
         lap("network")
         stacked = probs[:, 0].permute(1, 2, 0)[None]  # (1, h, w, Z')
-        back = invert(stacked, pre)
-        if tuple(back.shape) != vol.shape:
-            raise RuntimeError(f"inverted shape {tuple(back.shape)} differs from the input's {vol.shape}")
+        mask = invert_mask(stacked, pre, self.threshold)  # the threshold of invert(), on the slices that need it
+        if tuple(mask.shape) != vol.shape:
+            raise RuntimeError(f"inverted shape {tuple(mask.shape)} differs from the input's {vol.shape}")
         lap("invert")
-        mask = (back > self.threshold).numpy().astype(np.uint8)
         if self.lcc:
             mask = keep_largest_component(mask)
         lap("postprocess")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mkd.data.transforms import LoadSliced, parse_window, volume_to_slices, volume_transforms
+from mkd.data.transforms import LoadSliced, Windowd, parse_window, volume_to_slices, volume_transforms
 
 
 def test_window_maps_hu_linearly_and_clips(tmp_path):
@@ -22,6 +22,29 @@ def test_window_maps_hu_linearly_and_clips(tmp_path):
     np.testing.assert_allclose(custom["image"][0, :, 0, 0].numpy(), [0, 0, 0.535, 1, 1], atol=1e-6)
     maxed = volume_transforms(keys=("image",), size=None, window="max")({"image": str(tmp_path / "ct.nii.gz")})
     np.testing.assert_allclose(maxed["image"][0, :, 0, 0].numpy(), [0, 0, 0.0535, 0.164, 1], atol=1e-6)
+
+
+def test_windowd_equals_monai_scale_intensity_range_bit_for_bit_and_leaves_its_input():
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRanged
+
+    g = torch.Generator().manual_seed(0)
+    hu = torch.randn(1, 37, 29, 11, generator=g) * 400 + 50  # most values outside [-57, 164]
+    hu[0, 0, 0, :4] = torch.tensor([-57.0, 164.0, 53.5, float("nan")])
+    x = MetaTensor(hu.clone(), affine=torch.diag(torch.tensor([2.0, 3.0, 5.0, 1.0])))
+    x.meta["filename_or_obj"] = "ct.nii.gz"
+    ref = ScaleIntensityRanged("image", a_min=-57, a_max=164, b_min=0.0, b_max=1.0, clip=True)({"image": x})["image"]
+    out = Windowd("image", -57, 164)({"image": x})["image"]
+    plain = out.as_subclass(torch.Tensor)
+    assert torch.equal(torch.nan_to_num(plain, nan=-9.0), torch.nan_to_num(ref.as_subclass(torch.Tensor), nan=-9.0))
+    assert plain[0, 0, 0, :3].tolist() == [0.0, 1.0, 0.5] and torch.isnan(plain[0, 0, 0, 3])
+    assert torch.equal(torch.nan_to_num(x.as_subclass(torch.Tensor)), torch.nan_to_num(hu))  # input unchanged
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "ct.nii.gz"
+    assert torch.equal(out.affine, x.affine) and out.dtype == torch.float32
+    ints = Windowd("image", 0, 100)({"image": torch.tensor([-5, 50, 200], dtype=torch.int16)})["image"]
+    assert ints.dtype == torch.float32 and ints.tolist() == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"window needs low < high, got \(164.0, -57.0\)"):
+        Windowd("image", 164, -57)
 
 
 def test_parse_window():
