@@ -22,6 +22,7 @@ forward pass does not depend on what the weights are.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -43,54 +44,58 @@ def main() -> None:
     from mkd.networks import build, save_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="mkd-bench-distill-"))
-    data = args.data
-    if data is None:
-        task = write_phantom(tmp / "raw", seed=0)
-        data = tmp / "data"
-        prepare_dataset(task, data, size=args.size, keep="organ", seed=0)
-    teacher = build("t1", preset=args.teacher_preset)
-    ckpt = save_checkpoint(tmp / "teacher.pt", teacher, run={"image_size": [args.size, args.size]})
-    scales = [s for s in args.scales.split(",") if s]
-    common = {"image_size": [args.size, args.size], "epochs": args.epochs, "val_interval": 10**6}
-    distill = {**common, "teacher_ckpt": str(ckpt), "scales": scales, "pmd": True}
+    try:  # the folder is this run's own: removed at the end, whatever happens
+        data = args.data
+        if data is None:
+            task = write_phantom(tmp / "raw", seed=0)
+            data = tmp / "data"
+            prepare_dataset(task, data, size=args.size, keep="organ", seed=0)
+        teacher = build("t1", preset=args.teacher_preset)
+        run = {"image_size": [args.size, args.size], "role": "teacher"}
+        ckpt = save_checkpoint(tmp / "teacher.pt", teacher, run=run)
+        scales = [s for s in args.scales.split(",") if s]
+        common = {"image_size": [args.size, args.size], "epochs": args.epochs, "val_interval": 10**6}
+        distill = {**common, "teacher_ckpt": str(ckpt), "scales": scales, "pmd": True}
 
-    def epoch_times(name: str, bundle: str, overrides: dict) -> list[float]:
-        import pandas as pd
+        def epoch_times(name: str, bundle: str, overrides: dict) -> list[float]:
+            import pandas as pd
 
-        run_bundle(bundle, tmp / name, data, overrides=overrides, seed=0)
-        return pd.read_csv(tmp / name / "metrics.csv")["epoch_time_s"].tolist()[1:]
+            run_bundle(bundle, tmp / name, data, overrides=overrides, seed=0)
+            return pd.read_csv(tmp / name / "metrics.csv")["epoch_time_s"].tolist()[1:]
 
-    runs = {
-        "student only": ("student", common),
-        "distill, teacher cache": ("distill", {**distill, "use_cache": True}),
-        "distill, live teacher": ("distill", {**distill, "use_cache": False}),
-        "student only, augmented": ("student", {**common, "augment": args.augment}),
-        "distill, augmented, live teacher": ("distill", {**distill, "augment": args.augment}),
-    }
-    times: dict[str, list[list[float]]] = {label: [] for label in runs}
-    for r in range(args.rounds):
-        for i, (label, (bundle, overrides)) in enumerate(runs.items()):
-            times[label].append(epoch_times(f"r{r}-{i}", bundle, overrides))
-    cache_mb = sum(f.stat().st_size for f in (tmp / "r0-1" / "teacher_cache").glob("*.npy")) / 1e6
+        runs = {
+            "student only": ("student", common),
+            "distill, teacher cache": ("distill", {**distill, "use_cache": True}),
+            "distill, live teacher": ("distill", {**distill, "use_cache": False}),
+            "student only, augmented": ("student", {**common, "augment": args.augment}),
+            "distill, augmented, live teacher": ("distill", {**distill, "augment": args.augment}),
+        }
+        times: dict[str, list[list[float]]] = {label: [] for label in runs}
+        for r in range(args.rounds):
+            for i, (label, (bundle, overrides)) in enumerate(runs.items()):
+                times[label].append(epoch_times(f"r{r}-{i}", bundle, overrides))
+        cache_mb = sum(f.stat().st_size for f in (tmp / "r0-1" / "teacher_cache").glob("*.npy")) / 1e6
 
-    def median(label: str, r: int | None = None) -> float:
-        return statistics.median(times[label][r] if r is not None else sum(times[label], []))
+        def median(label: str, r: int | None = None) -> float:
+            return statistics.median(times[label][r] if r is not None else sum(times[label], []))
 
-    base, cached = "student only", "distill, teacher cache"
-    print(
-        f"data: {data}; scales {','.join(scales)} + PMD; teacher t1/{args.teacher_preset} "
-        f"({teacher.num_parameters() / 1e6:.2f} M); {args.size}x{args.size}; "
-        f"{args.rounds} interleaved rounds of {args.epochs} epochs (first epoch of each run not timed)"
-    )
-    print("| run | median epoch (s) | ratio to student-only | ratio in each round | ratio to cached distillation |")
-    print("|---|---:|---:|---|---:|")
-    for label in runs:
-        per_round = ", ".join(f"{median(label, r) / median(base, r):.2f}" for r in range(args.rounds))
+        base, cached = "student only", "distill, teacher cache"
         print(
-            f"| {label} | {median(label):.2f} | {median(label) / median(base):.2f} | {per_round} "
-            f"| {median(label) / median(cached):.2f} |"
+            f"data: {data}; scales {','.join(scales)} + PMD; teacher t1/{args.teacher_preset} "
+            f"({teacher.num_parameters() / 1e6:.2f} M); {args.size}x{args.size}; "
+            f"{args.rounds} interleaved rounds of {args.epochs} epochs (first epoch of each run not timed)"
         )
-    print(f"teacher cache: {cache_mb:.0f} MB on disk")
+        print("| run | median epoch (s) | ratio to student-only | ratio in each round | ratio to cached distillation |")
+        print("|---|---:|---:|---|---:|")
+        for label in runs:
+            per_round = ", ".join(f"{median(label, r) / median(base, r):.2f}" for r in range(args.rounds))
+            print(
+                f"| {label} | {median(label):.2f} | {median(label) / median(base):.2f} | {per_round} "
+                f"| {median(label) / median(cached):.2f} |"
+            )
+        print(f"teacher cache: {cache_mb:.0f} MB on disk")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

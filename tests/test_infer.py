@@ -143,17 +143,20 @@ def test_preprocess_then_invert_gives_back_the_mask(size, spacing):
 
 
 @needs_sample
-@pytest.mark.parametrize("codes, spacing", [("RAS", None), ("LPS", None), ("SPL", None), ("LPS", (4.0, 4.0, 6.0))])
-def test_invert_mask_is_the_thresholded_inverse_voxel_for_voxel(tmp_path, monkeypatch, codes, spacing):
+@pytest.mark.parametrize(
+    "codes, spacing, size", [("RAS", None, 64), ("LPS", None, 64), ("SPL", None, 64), ("RAS", None, 160),
+                             ("LPS", (4.0, 4.0, 6.0), 64)])  # fmt: skip
+def test_invert_mask_is_the_thresholded_inverse_voxel_for_voxel(tmp_path, monkeypatch, codes, spacing, size):
     """invert_mask skips slices with nothing above the threshold; its mask equals ``invert(...) > t`` exactly.
 
-    Probabilities at the network's 48² on a 64² prepared grid, foreground on a few slices only, an input
-    stored RAS, LPS and with its axes permuted (SPL), and a ``spacing`` run (which falls back to invert).
+    Probabilities at the network's 48² on a 64² prepared grid (the way back enlarges) or a 160² one (it
+    shrinks to the sample's 122 x 101), foreground on a few slices only, an input stored RAS, LPS and with
+    its axes permuted (SPL), and a ``spacing`` run (which falls back to invert).
     """
     path = tmp_path / "ct.nii.gz"
     nib.save(reoriented(nib.load(SAMPLE / "spleen_30slices.nii.gz"), codes), path)
     volume = load_volume(path)
-    pre = preprocess(volume, resolve_settings(window=(0.0, 1.0), spacing=spacing, size=64))
+    pre = preprocess(volume, resolve_settings(window=(0.0, 1.0), spacing=spacing, size=size))
     n = int(pre.image.shape[-1])
     g = torch.Generator().manual_seed(1)
     probs = torch.rand(1, 48, 48, n, generator=g) * 0.5  # nothing above 0.5 ...

@@ -115,10 +115,10 @@ def invert_mask(values: torch.Tensor, preprocessed: Preprocessed, threshold: flo
 
     The same mask as thresholding :func:`invert`'s probabilities (``tests/test_infer.py`` compares them
     voxel for voxel), at a cost that follows the organ rather than the volume. When the recorded geometry
-    is RAS plus an in-plane resize (no ``spacing``: every prepared dataset of the CPU profile and the
-    thesis), both resizes back (network size to prepared size, prepared size to the input's in-plane
-    grid) keep each slice apart: their weight along Z is exactly 1 on the slice itself and 0 on its
-    neighbour, and in-plane they are convex combinations of that slice's values. So a slice whose values
+    is RAS plus an in-plane resize (no ``spacing``, the ``mkd prepare`` default), both resizes back
+    (network size to prepared size, prepared size to the input's in-plane grid) keep each slice apart:
+    their weight along Z is exactly 1 on the slice itself and 0 on its neighbour, and in-plane they are
+    convex combinations of that slice's values. So a slice whose values
     are all at or below ``threshold`` stays at or below it, and only the run of slices from the first to
     the last one above it is resized (in float32, as a batch of 2D slices: a bilinear resize per slice,
     which gives the values of :func:`invert`'s trilinear resize with Z kept bit for bit, in half the
