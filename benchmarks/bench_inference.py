@@ -6,7 +6,10 @@ connected component; no writing) on the real 112-slice CT sample at 256², for
 
 - S1 (thesis width, 57 k parameters) on PyTorch eager (NCHW), PyTorch channels-last,
   ONNX Runtime (fp32), ONNX Runtime int8 (``mkd.export.INT8_RECIPE``) and, where the CPU has
-  native bf16, PyTorch bf16;
+  native bf16, PyTorch bf16; the PyTorch rows run the network's inference copy
+  (``mkd.networks.fuse_for_inference``), as ``mkd infer`` does, and two more rows run the network
+  as trained at batch 8 (channels-last fp32 and bf16), the PyTorch path before the copy existed, so
+  the copy's gain is measured side by side;
 - T1 (thesis width, 43 M parameters) on one backend (``--t1-backend``, default ONNX Runtime).
 
 Random weights (time does not depend on them), saved as checkpoints in a temporary folder so
@@ -54,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume", default=str(SAMPLE), help="NIfTI / DICOM volume (default: the real CT sample)")
     ap.add_argument("--size", type=int, default=256, help="network input size (default 256)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every backend (default 2)")
-    ap.add_argument("--batch-size", type=int, default=8, help="slices per forward (default 8)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="slices per forward (default: each backend's own, as mkd infer: "
+                         "ONNX Runtime 8, PyTorch 2^18 pixels)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=5, help="timed runs of each S1 configuration (default 5)")
     ap.add_argument("--t1-reps", type=int, default=1, help="timed runs of T1 (default 1; minutes each)")
     ap.add_argument("--t1-backend", choices=["torch", "onnxruntime"], default="onnxruntime",
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         args.reps, args.t1_reps = min(args.reps, 3), 0
     torch.set_num_threads(args.threads)
 
-    from mkd.inference import Segmenter, bf16_supported, onnxruntime_available
+    from mkd.inference import Segmenter, TorchBackend, bf16_supported, onnxruntime_available
     from mkd.networks import CheckpointRecord, build, load_network, save_checkpoint
 
     path = Path(args.volume)
@@ -87,17 +92,27 @@ def main(argv: list[str] | None = None) -> int:
             s1 = save_checkpoint(Path(tmp) / "s1.pt", build("s1"), run=run)
         common = {"device": "cpu", "threads": args.threads, "batch_size": args.batch_size}
         calib = {"data_dir": args.data} if args.data else {"calibration": path}
+        bf16 = bf16_supported(torch.device("cpu"))
+
+        def as_trained(**kw) -> Segmenter:  # the network as trained, not its inference copy, at batch 8
+            seg = Segmenter(s1, backend="torch", **{**common, "batch_size": args.batch_size or 8}, **kw)
+            seg.backend = TorchBackend(seg.model, seg.device, bf16=kw.get("quantize") == "bf16", fuse=False)
+            return seg
+
         configs = [
             ("S1", "torch eager", lambda: Segmenter(s1, backend="torch", channels_last=False, **common)),
+            ("S1", "torch channels_last, as trained", as_trained),
             ("S1", "torch channels_last", lambda: Segmenter(s1, backend="torch", **common)),
         ]
+        if bf16:
+            configs.append(("S1", "torch bf16, as trained", lambda: as_trained(quantize="bf16")))
         if ort:
             configs += [
                 ("S1", "onnxruntime", lambda: Segmenter(s1, backend="onnxruntime", **common)),
                 ("S1", "onnxruntime int8",
                  lambda: Segmenter(s1, backend="onnxruntime", quantize="int8", **calib, **common)),
             ]  # fmt: skip
-        if bf16_supported(torch.device("cpu")):
+        if bf16:
             configs.append(("S1", "torch bf16", lambda: Segmenter(s1, quantize="bf16", **common)))
         dicom = None
         if args.dicom_slices:
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = time.perf_counter() - t0
             reps = args.t1_reps if model == "T1" else args.reps
             if model == "T1":  # warm-up: one batch (a whole volume takes minutes)
-                seg.backend(torch.rand(args.batch_size, 3, args.size, args.size))
+                seg.backend(torch.rand(seg.batch_size, 3, args.size, args.size))
             else:  # warm-up: one volume (allocator, kernels, ORT's first run)
                 seg.segment(path)
             params = sum(p.numel() for p in seg.model.parameters())
@@ -151,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             return statistics.median(run[key] for run in p["runs"])
 
         print(f"volume {path.name}, {plan[0]['slices']} slices, network input {args.size}²; "
-              f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; batch {args.batch_size}; "
+              f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; "
               "median of the runs")  # fmt: skip
-        header = ["model", "backend", "params", "runs", "per volume", "network", "network / slice",
+        header = ["model", "backend", "batch", "params", "runs", "per volume", "network", "network / slice",
                   "read", "preprocess", "invert", "LCC"]  # fmt: skip
         if args.data:
             header += ["test Dice pooled / volume"]
@@ -162,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" for _ in header) + "|")
         for p in plan:
-            cells = [p["model"], p["backend"], f"{p['params'] / 1e6:.3f} M", str(len(p["runs"])),
+            cells = [p["model"], p["backend"], str(p["seg"].batch_size), f"{p['params'] / 1e6:.3f} M",
+                     str(len(p["runs"])),
                      f"{med(p, 'total'):.2f} s", f"{med(p, 'network'):.2f} s",
                      f"{1000 * med(p, 'network') / p['slices']:.1f} ms"]  # fmt: skip
             cells += [f"{med(p, k):.2f} s" for k in ("load", "preprocess", "invert", "postprocess")]
@@ -184,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             t = statistics.median(fastest["dicom"])
             print(f"S1 from a {args.dicom_slices}-slice DICOM series: {t:.2f} s ({fastest['backend']}) "
                   f"{'<=' if t <= TARGET_DICOM_S else '>'} {TARGET_DICOM_S:g} s")  # fmt: skip
+        by_name = {p["backend"]: p for p in plan if p["model"] == "S1"}
+        for name in ("torch channels_last", "torch bf16"):
+            if name in by_name and f"{name}, as trained" in by_name:
+                new, old = by_name[name], by_name[f"{name}, as trained"]
+                print(f"{name}: the inference copy (batch {new['seg'].batch_size}) against the network as trained "
+                      f"(batch {old['seg'].batch_size}): {med(old, 'network') / med(new, 'network'):.2f}x network, "
+                      f"{med(old, 'total') / med(new, 'total'):.2f}x per volume")  # fmt: skip
         best = min(s1, key=lambda p: med(p, "total"))
         total = med(best, "total")
         print()

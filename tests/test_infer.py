@@ -672,7 +672,7 @@ def test_cli_auto_uses_onnxruntime_on_cpu_prints_it_and_writes_the_torch_mask(bu
             graph = tmp_path / "model.64x64.onnx"
             assert first == f"backend: onnxruntime (CPU, {default_threads()} threads, graph {graph})"
         else:
-            assert first.startswith("backend: torch (cpu, channels_last, inference_mode")
+            assert first.startswith("backend: torch (cpu, channels_last, fused, inference_mode")
         assert "largest connected component: on" in r.output
     assert np.array_equal(nib.load(outs["auto"]).get_fdata(), nib.load(outs["torch"]).get_fdata())
     assert (tmp_path / "model.64x64.onnx").is_file()
@@ -843,6 +843,35 @@ def _trained_phantom_s1(prepared, path):
     return save_checkpoint(path, model, run={"image_size": [32, 32], "train_split": "student"})
 
 
+def test_the_torch_backend_runs_the_fused_copy_with_the_trained_networks_dice(tiny_prepared, tmp_path):
+    """The PyTorch backend runs :func:`mkd.networks.fuse_for_inference` (BatchNorm folded, no decoder concatenation);
+    the Segmenter's network stays as trained, and the Dice of the two is the same."""
+    from mkd.evaluation import evaluate_checkpoint
+
+    ckpt = _trained_phantom_s1(tiny_prepared, tmp_path / "s1.pt")
+    seg = Segmenter(ckpt, device="cpu", backend="torch", threads=1)
+    assert seg.backend.fused and not any(isinstance(m, nn.BatchNorm2d) for m in seg.backend.model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in seg.model.modules())
+    eager = evaluate_checkpoint(ckpt, tiny_prepared).summary["pooled"]["dice"]
+    fused = evaluate_checkpoint(ckpt, tiny_prepared, runner=seg.backend).summary["pooled"]["dice"]
+    assert eager > 0.45 and abs(fused - eager) <= 1e-4, (eager, fused)
+    plain = TorchBackend(seg.model, torch.device("cpu"), fuse=False)
+    assert plain.model is not seg.backend.model and not plain.fused
+    assert plain.describe() == "torch (cpu, channels_last, inference_mode)"
+
+
+def test_default_batch_size_follows_the_backend_and_the_input_size(tmp_path):
+    """CPU: ONNX Runtime 8 slices; PyTorch 2^18 pixels (4 slices at 256², 28 at 96², 64 at 64²)."""
+    sizes = {}
+    for size in (256, 96, 64):
+        ckpt = save_checkpoint(tmp_path / f"s1_{size}.pt", build("s1", "tiny"), run={"image_size": [size, size]})
+        sizes[size] = Segmenter(ckpt, device="cpu", backend="torch", threads=1).batch_size
+    assert sizes == {256: 4, 96: 28, 64: 64}
+    assert Segmenter(tmp_path / "s1_64.pt", device="cpu", backend="torch", batch_size=5).batch_size == 5
+    if onnxruntime_available():
+        assert Segmenter(tmp_path / "s1_64.pt", device="cpu", backend="onnxruntime", threads=1).batch_size == 8
+
+
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
 def test_bf16_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
     """``quantize="bf16"``: PyTorch autocast on a CPU with native bf16; Dice within 0.005 of fp32, float32 logits."""
@@ -851,7 +880,7 @@ def test_bf16_phantom_student_keeps_its_dice(tiny_prepared, tmp_path):
     ckpt = _trained_phantom_s1(tiny_prepared, tmp_path / "s1.pt")
     fp32 = Segmenter(ckpt, device="cpu", backend="torch", threads=1)
     bf16 = Segmenter(ckpt, device="cpu", quantize="bf16", threads=1)  # backend auto: bf16 picks PyTorch
-    assert bf16.describe().startswith("torch (cpu, channels_last, bf16, inference_mode")
+    assert bf16.describe().startswith("torch (cpu, channels_last, bf16, fused, inference_mode")
     x = torch.rand(2, 3, 32, 32)
     assert bf16.backend(x).dtype == torch.float32
     dice = {name: evaluate_checkpoint(ckpt, tiny_prepared, runner=seg.backend).summary["pooled"]["dice"]

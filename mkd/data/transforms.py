@@ -191,7 +191,10 @@ def slice_grid_transforms(
 
 
 def volume_to_slices(
-    volume: np.ndarray | torch.Tensor, channels: str = "replicate", rows: Sequence[int] | None = None
+    volume: np.ndarray | torch.Tensor,
+    channels: str = "replicate",
+    rows: Sequence[int] | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Cut a (1, H, W, Z) volume into (S, 3, H, W) slices.
 
@@ -200,6 +203,9 @@ def volume_to_slices(
         channels: ``"replicate"`` copies the slice into 3 channels (the thesis); ``"2.5d"`` stacks the
             slices z-1, z, z+1 (the edge slice is repeated at the ends of the volume).
         rows: the axial indices to keep, in order; default all.
+        channels_last: lay the slices out in memory as (S, H, W, 3) (the returned array is its
+            (S, 3, H, W) view, which ``torch.as_tensor`` turns into a channels-last tensor): the layout
+            the PyTorch backend runs in, written once instead of copied again per batch.
 
     Returns:
         float32 array of shape (len(rows), 3, H, W).
@@ -210,15 +216,26 @@ def volume_to_slices(
     v = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     if v.ndim != 4 or v.shape[0] != 1:
         raise ValueError(f"expected a (1, H, W, Z) volume, got shape {tuple(v.shape)}")
+    if channels not in ("replicate", "2.5d"):
+        raise ValueError(f"channels must be 'replicate' or '2.5d', got {channels!r}")
     v = np.moveaxis(v[0], -1, 0)  # (Z, H, W)
     z = np.arange(v.shape[0]) if rows is None else np.asarray(rows, dtype=int)
     if channels == "replicate":
-        return np.repeat(v[z][:, None], 3, axis=1).astype(np.float32)
-    if channels == "2.5d":
+        idx = np.stack([z, z, z], axis=1)
+    else:
         last = v.shape[0] - 1
         idx = np.stack([np.clip(z - 1, 0, last), z, np.clip(z + 1, 0, last)], axis=1)
+    if not channels_last:
+        if channels == "replicate":
+            return np.repeat(v[z][:, None], 3, axis=1).astype(np.float32)
         return v[idx].astype(np.float32)
-    raise ValueError(f"channels must be 'replicate' or '2.5d', got {channels!r}")
+    out = np.empty((len(z), v.shape[1], v.shape[2], 3), dtype=np.float32)
+    if channels == "replicate":
+        out[...] = v[z][..., None]
+    else:
+        for c in range(3):
+            out[..., c] = v[idx[:, c]]
+    return out.transpose(0, 3, 1, 2)
 
 
 class LoadSliced(MapTransform):

@@ -50,6 +50,9 @@ __all__ = ["predict_slices", "SlicePrediction", "check_logits", "InferenceResult
 
 logger = logging.getLogger(__name__)
 
+#: pixels per forward of the PyTorch backend on a CPU when no batch size is given (4 slices at 256²)
+CPU_TORCH_BATCH_PIXELS = 2**18
+
 
 @dataclass
 class SlicePrediction:
@@ -188,8 +191,8 @@ class Segmenter:
         spacing: voxel size (x, y, z) mm; overrides checkpoint / ``data_dir``.
         size: network input size for checkpoints without ``run.image_size``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        batch_size: slices per forward; ``None``: 8 on a CPU (fastest for S1 at 256² with ONNX Runtime on
-            2 cores, see docs/export.md), 32 on a GPU.
+        batch_size: slices per forward; ``None``: 32 on a GPU; on a CPU 8 with ONNX Runtime (fastest for S1
+            at 256² on 2 cores, see docs/export.md) and 2^18 pixels with PyTorch (4 slices at 256²).
         lcc: keep only the largest 3D connected component; ``None`` (default): on for single-organ
             networks (one output channel).
         threshold: probability threshold (0.5: ``sigmoid(logits) > 0.5``).
@@ -245,8 +248,7 @@ class Segmenter:
         if in_channels != 3:
             raise InputError(self.checkpoint_path, f"network takes {in_channels} input channels; mkd slices have 3")
         self.settings = resolve_settings(self.record, data_dir, window, channels, spacing, size)
-        self.batch_size = int(batch_size) if batch_size is not None else (8 if self.device.type == "cpu" else 32)
-        if self.batch_size < 1:
+        if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out_channels = int(getattr(self.model, "out_channels", 1))
         self.lcc = out_channels == 1 if lcc is None else bool(lcc)
@@ -268,6 +270,7 @@ class Segmenter:
                                "so it would run slower than fp32; leave `quantize` out")  # fmt: skip
             backend = "torch"
         self.backend_name = resolve_backend(backend, self.device)
+        self.batch_size = int(batch_size) if batch_size is not None else self._default_batch_size()
         if quantize == "int8":
             from mkd.networks.registry import STUDENTS
 
@@ -286,6 +289,17 @@ class Segmenter:
         else:
             path = self._onnx_graph(quantize, calibration if calibration is not None else data_dir)
             self.backend = OnnxRuntimeBackend(path, self.threads, quantized=quantize)
+
+    def _default_batch_size(self) -> int:
+        """Slices per forward when none is given: 32 on a GPU; on a CPU 8 for ONNX Runtime and, for PyTorch,
+        as many as make 2^18 pixels (4 at 256², 28 at 96²): the largest batch whose maps stay in cache
+        (measured in docs/export.md)."""
+        if self.device.type != "cpu":
+            return 32
+        if self.backend_name == "onnxruntime":
+            return 8
+        h, w = self.settings.image_size
+        return max(1, CPU_TORCH_BATCH_PIXELS // (int(h) * int(w)))
 
     def _onnx_graph(self, quantize: str | None, calibration: Any) -> Path:
         """The (cached) ONNX graph for this network at the input size, int8 when ``quantize``."""
@@ -351,7 +365,8 @@ class Segmenter:
         lap("load")
         check_resampled_size(vol.shape, vol.affine, self.settings.spacing, vol.path, "spacing")
         pre = preprocess(vol, self.settings)
-        slices = volume_to_slices(pre.image, channels=self.settings.channels)
+        layout = isinstance(self.backend, TorchBackend) and self.backend.channels_last  # the backend's memory layout
+        slices = volume_to_slices(pre.image, channels=self.settings.channels, channels_last=layout)
         lap("preprocess")
         name = self.checkpoint_path or type(self.model).__name__
         with torch_threads(self.threads if self.device.type == "cpu" else None):

@@ -18,6 +18,7 @@ from mkd.networks.checkpoint import (
     save_checkpoint,
     task_heads,
 )
+from mkd.networks.fusion import fuse_for_inference
 from mkd.networks.recorder import (
     FeatureRecorder,
     ScaleInfo,
@@ -70,4 +71,5 @@ __all__ = [
     "load_network",
     "checkpoint_role",
     "task_heads",
+    "fuse_for_inference",
 ]

@@ -156,6 +156,7 @@ class UpBlock(nn.Module):
         up_channels: int | None = None,
     ) -> None:
         super().__init__()
+        self.skip_channels = int(skip_channels)
         if upsample == "deconv":
             up_channels = in_channels // 2 if up_channels is None else up_channels
             self.up = UpSample(spatial_dims, in_channels, up_channels, scale_factor=2, mode="deconv", bias=True)

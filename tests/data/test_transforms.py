@@ -66,6 +66,23 @@ def test_25d_channels_are_neighbouring_slices():
         volume_to_slices(ramp, "rgb")
 
 
+@pytest.mark.parametrize("channels", ["replicate", "2.5d"])
+@pytest.mark.parametrize("rows", [None, [4, 0, 2]])
+def test_channels_last_slices_hold_the_same_values_in_nhwc_memory(channels, rows):
+    import torch
+
+    vol = np.random.default_rng(0).random((1, 6, 7, 5), dtype=np.float32)
+    plain = volume_to_slices(vol, channels, rows=rows)
+    nhwc = volume_to_slices(vol, channels, rows=rows, channels_last=True)
+    assert nhwc.shape == plain.shape and nhwc.dtype == np.float32
+    assert np.array_equal(nhwc, plain)
+    assert nhwc.strides[1] == 4 and nhwc.base is not None  # channels adjacent in memory: (S, H, W, 3) underneath
+    t = torch.as_tensor(nhwc)
+    assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    with pytest.raises(ValueError, match="channels must be"):
+        volume_to_slices(vol, "rgb", channels_last=True)
+
+
 def test_label_value_selects_one_organ_and_resize_keeps_labels_binary(tmp_path):
     from conftest import write_nifti
 
