@@ -9,6 +9,8 @@ folder, then times, median of ``--reps``:
 - reading: the former reader (GDCM scan, header pass of the slice check, MONAI
   ``LoadImage(reader="ITKReader")``, ``check_finite``) against :func:`mkd.inference.load_volume`;
 - the HU window: MONAI's ``ScaleIntensityRanged`` against :class:`mkd.data.transforms.Windowd`;
+- the in-plane ``area`` resize to 256² (``--size`` / 2: an integer shrink): MONAI's ``Resized`` against
+  the pipeline's, whose resizer is :class:`mkd.data.transforms.BlockMeanResize`;
 - the way back: :func:`mkd.inference.invert` then the threshold against
   :func:`mkd.inference.invert_mask`, for probabilities at 96² on a 256² prepared grid, once with
   foreground on every slice (the windowed image itself: the body, the worst case) and once on a
@@ -129,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from monai.transforms import ScaleIntensityRanged
+    from monai.transforms import Resized, ScaleIntensityRanged
 
-    from mkd.data.transforms import Windowd
+    from mkd.data.transforms import Windowd, _resized
     from mkd.inference import invert, invert_mask, load_volume, preprocess, resolve_settings
     from mkd.metrics import keep_largest_component
     from mkd.utils import keep_locale
@@ -152,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     t_old_win, old_win = timed(lambda: monai_window(image)["image"], args.reps)
     t_new_win, new_win = timed(lambda: Windowd("image", -57.0, 164.0)(image)["image"], args.reps)
     same_win = bool(torch.equal(old_win.as_subclass(torch.Tensor), new_win.as_subclass(torch.Tensor)))
+    half = (args.size // 2, args.size // 2, -1)
+    monai_resize = Resized("image", spatial_size=half, mode="area")
+    ours_resize = _resized(["image"], half, "area")
+    t_old_rs, old_rs = timed(lambda: monai_resize({"image": new_win})["image"], args.reps)
+    t_new_rs, new_rs = timed(lambda: ours_resize({"image": new_win})["image"], args.reps)
+    same_rs = bool(torch.equal(old_rs.as_subclass(torch.Tensor), new_rs.as_subclass(torch.Tensor)))
+    same_rs = same_rs and bool(torch.equal(old_rs.affine, new_rs.affine))
     pre = preprocess(vol, resolve_settings(window=(-57.0, 164.0), size=256))
     prepared = pre.image[None].as_subclass(torch.Tensor)
     body = torch.nn.functional.interpolate(prepared, size=(96, 96, prepared.shape[-1]), mode="area")[0]
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("read DICOM series", t_old, t_new, f"array {same_data}, affine (1e-6) {same_affine}"),
         ("HU window", t_old_win, t_new_win, f"values {same_win}"),
+        (f"area resize to {half[0]}²", t_old_rs, t_new_rs, f"values and affine {same_rs}"),
     ]
     for name, probs in (("every slice", body), (f"{third} of {body.shape[-1]} slices", organ)):
         t_old_inv, old_back = timed(lambda p=probs: (invert(p, pre) > 0.5).numpy().astype(np.uint8), args.reps)

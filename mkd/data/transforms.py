@@ -25,6 +25,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    Resize,
     Resized,
     Spacingd,
 )
@@ -32,6 +33,7 @@ from monai.transforms import (
 __all__ = [
     "DEFAULT_WINDOW",
     "UNLABELLED",
+    "BlockMeanResize",
     "FillMissingLabeld",
     "LoadSliced",
     "ScaleByMaxd",
@@ -101,6 +103,102 @@ class Windowd(MapTransform):
         return d
 
 
+class BlockMeanResize(Resize):
+    """MONAI's ``Resize``, with its in-plane ``area`` shrink by an integer factor computed from strided views.
+
+    An ``area`` resize of a (C, H, W, Z) volume to (H / k, W / k, Z) with one integer factor k >= 2 (a
+    512² series to 256² or 128²) averages k x k blocks. PyTorch's ``adaptive_avg_pool3d`` does that with
+    a general kernel; here the k² strided views are summed in that kernel's order and divided by k twice,
+    as it does, which gives its values bit for bit (``tests/data/test_transforms.py``) about five times
+    faster on a 512 x 512 x 150 series (``benchmarks/bench_dicom.py``). The metadata (affine, the
+    recorded operation that ``invert`` and ``Compose.inverse`` read) is recorded as MONAI's resize records
+    it, under the name ``Resize``. Any other call is MONAI's own.
+    """
+
+    def get_transform_info(self) -> dict:
+        from monai.utils import TraceKeys
+
+        return {**super().get_transform_info(), TraceKeys.CLASS_NAME: "Resize"}
+
+    def __call__(  # type: ignore[override]
+        self,
+        img: torch.Tensor,
+        mode: str | None = None,
+        align_corners: bool | None = None,
+        anti_aliasing: bool | None = None,
+        anti_aliasing_sigma=None,
+        dtype=None,
+        lazy: bool | None = None,
+    ) -> torch.Tensor:
+        factor = self._block_factor(img, mode, anti_aliasing, dtype, lazy)
+        if factor is None:
+            return super().__call__(img, mode, align_corners, anti_aliasing, anti_aliasing_sigma, dtype, lazy)
+        from monai.data.meta_obj import get_track_meta
+        from monai.transforms.inverse import TraceableTransform
+        from monai.transforms.utils import scale_affine
+        from monai.utils import TraceKeys, convert_to_tensor
+
+        _align = self.align_corners if align_corners is None else align_corners
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        orig_size = tuple(int(s) for s in img.shape[1:])
+        out_size = (orig_size[0] // factor, orig_size[1] // factor, orig_size[2])
+        meta_info = TraceableTransform.track_transform_meta(
+            img,
+            sp_size=out_size,
+            affine=scale_affine(orig_size, out_size, align_corners=_align if _align is not None else False),
+            extra_info={
+                "mode": "area",
+                "align_corners": _align if _align is not None else TraceKeys.NONE,
+                "dtype": "float32",
+                "new_dim": 0,
+            },  # fmt: skip
+            orig_size=orig_size,
+            transform_info=self.get_transform_info(),
+            lazy=False,
+        )
+        x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        acc = torch.zeros((x.shape[0], *out_size), dtype=torch.float32)
+        for i in range(factor):  # adaptive_avg_pool3d's order: rows, then columns, from 0
+            for j in range(factor):
+                acc.add_(x[:, i::factor, j::factor, :])
+        acc.div_(factor).div_(factor)  # sum / kH / kW, as the kernel divides
+        out = convert_to_tensor(acc, track_meta=get_track_meta())
+        return out.copy_meta_from(meta_info) if isinstance(out, MetaTensor) else out
+
+    def _block_factor(self, img, mode, anti_aliasing, dtype, lazy) -> int | None:
+        """k when this call is an in-plane ``area`` shrink by k of a float32 (C, H, W, Z) tensor, else None."""
+        from monai.utils import fall_back_tuple
+
+        mode = self.mode if mode is None else mode
+        anti_aliasing = self.anti_aliasing if anti_aliasing is None else anti_aliasing
+        lazy = self.lazy if lazy is None else lazy
+        want = dtype or self.dtype
+        if str(mode) != "area" or anti_aliasing or lazy or self.size_mode != "all" or img.ndim != 4:
+            return None
+        if want not in (None, np.float32, torch.float32, "float32") or img.dtype != torch.float32:
+            return None
+        if isinstance(img, MetaTensor) and img.pending_operations:
+            return None
+        size = tuple(int(s) for s in img.shape[1:])
+        try:
+            out = tuple(int(s) for s in fall_back_tuple(self.spatial_size, size))
+        except (TypeError, ValueError):
+            return None
+        if len(out) != 3 or out[2] != size[2] or min(out[:2]) < 1:
+            return None
+        k = size[0] // out[0]
+        if k < 2 or size[0] != k * out[0] or size[1] != k * out[1]:
+            return None
+        return k
+
+
+def _resized(keys: Sequence[str], spatial_size: Sequence[int], mode) -> Resized:
+    """MONAI's ``Resized`` whose resizer is a :class:`BlockMeanResize` (the same values, faster integer shrinks)."""
+    out = Resized(keys=keys, spatial_size=spatial_size, mode=mode)
+    out.resizer = BlockMeanResize(spatial_size=spatial_size, size_mode=out.resizer.size_mode)
+    return out
+
+
 class ScaleByMaxd(MapTransform):
     """The thesis's per-volume scaling: ``clip(x / max(x), 0, 1)`` (negative HU become 0)."""
 
@@ -162,7 +260,7 @@ def volume_transforms(
         xforms.append(Windowd(keys=image_key, low=low, high=high))
     if size is not None:
         modes = tuple("area" if k == image_key else "nearest-exact" for k in keys)
-        xforms.append(Resized(keys=keys, spatial_size=(int(size), int(size), -1), mode=modes))
+        xforms.append(_resized(keys, (int(size), int(size), -1), modes))
     return Compose(xforms)
 
 
@@ -186,7 +284,7 @@ def slice_grid_transforms(
     """
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
     xforms = _orientation_spacing(keys, spacing, ["bilinear"] * len(keys))
-    xforms.append(Resized(keys=keys, spatial_size=(*(int(s) for s in size), -1), mode=mode))
+    xforms.append(_resized(keys, (*(int(s) for s in size), -1), mode))
     return Compose(xforms)
 
 

@@ -83,6 +83,61 @@ def test_channels_last_slices_hold_the_same_values_in_nhwc_memory(channels, rows
         volume_to_slices(vol, "rgb", channels_last=True)
 
 
+@pytest.mark.parametrize(
+    "shape, size, factor",
+    [((1, 512, 512, 6), 256, 2), ((1, 384, 384, 4), 128, 3), ((1, 300, 300, 3), 100, 3), ((1, 97, 131, 4), 96, None),
+     ((1, 64, 64, 3), 96, None)],
+)  # fmt: skip
+def test_block_mean_resize_is_monais_area_resize_bit_for_bit(shape, size, factor, monkeypatch):
+    """An integer in-plane shrink is computed from strided views; values, affine, recorded operation and the
+    inverse equal MONAI's ``Resized``; anything else is MONAI's own call."""
+    import torch
+    import torch.nn.functional as F
+    from monai.data import MetaTensor
+    from monai.transforms import Resized
+
+    from mkd.data.transforms import BlockMeanResize, _resized
+
+    g = torch.Generator().manual_seed(0)
+    affine = torch.tensor([[-0.7, 0, 0, 10], [0, 0.6, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]], dtype=torch.float64)
+    x = torch.randn(shape, generator=g) * 300
+    x[0, 0, 0, 0], x[0, 1, 1, 0] = float("nan"), float("inf")
+    ref_t = Resized(keys="image", spatial_size=(size, size, -1), mode="area")
+    ref = ref_t({"image": MetaTensor(x.clone(), affine=affine.clone())})["image"]
+    ours_t = _resized(["image"], (size, size, -1), "area")
+    assert isinstance(ours_t.resizer, BlockMeanResize)
+    seen = []
+    real = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: seen.append(1) or real(*a, **k))
+    src = MetaTensor(x.clone(), affine=affine.clone())
+    ours = ours_t({"image": src})["image"]
+    assert (len(seen) == 0) == (factor is not None)  # the strided route only for an integer shrink
+    assert torch.equal(src.as_tensor().nan_to_num(), x.nan_to_num())  # input unchanged
+    torch.testing.assert_close(ours.as_tensor(), ref.as_tensor(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.affine, ref.affine)
+    op, ref_op = dict(ours.applied_operations[-1]), dict(ref.applied_operations[-1])
+    assert op.pop("id") == id(ours_t.resizer) and ref_op.pop("id") == id(ref_t.resizer)
+    assert op == ref_op and op["class"] == "Resize"
+    back, ref_back = ours_t.inverse({"image": ours})["image"], ref_t.inverse({"image": ref})["image"]
+    assert back.shape == x.shape
+    torch.testing.assert_close(back.as_tensor(), ref_back.as_tensor(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(back.affine, ref_back.affine)
+
+
+def test_the_volume_pipeline_resizes_with_block_mean_resize_and_labels_stay_monais():
+    import torch
+    from monai.data import MetaTensor
+
+    from mkd.data.transforms import BlockMeanResize
+
+    resize = volume_transforms(keys=("image", "label"), size=4).transforms[-1]
+    assert isinstance(resize.resizer, BlockMeanResize) and resize.mode == ("area", "nearest-exact")
+    label = torch.zeros(1, 8, 8, 2)
+    label[0, 2:4, 2:4] = 1
+    out = resize({"image": MetaTensor(torch.rand(1, 8, 8, 2)), "label": MetaTensor(label)})
+    assert out["label"].shape == (1, 4, 4, 2) and set(out["label"].unique().tolist()) == {0.0, 1.0}
+
+
 def test_label_value_selects_one_organ_and_resize_keeps_labels_binary(tmp_path):
     from conftest import write_nifti
 
